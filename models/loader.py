@@ -1,0 +1,179 @@
+"""Weight loading from local safetensors checkpoints (single file or sharded).
+
+Tensors are read one at a time from the memory-mapped files and copied into
+the model's (uninitialised) parameters, so at most one checkpoint tensor is
+held beside the model: the process never holds a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from aotllm.models.config import ModelConfig
+from aotllm.models.decoder import CausalLM
+from aotllm.models.ops import TorchOps
+
+logger = logging.getLogger(__name__)
+
+# checkpoint projection -> (fused parameter, index of its slice)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+# Checkpoint tensors that some exporters save but that are derived, not weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    """vLLM's `dtype`: "auto" takes the checkpoint's dtype (float32 if it names none)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    if dtype == "auto":
+        name = config.hf_config.get("dtype") or config.hf_config.get("torch_dtype") or "float32"
+        return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}"
+        )
+    return DTYPES[dtype]
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{index.name} in {model_dir} lists weight files that are missing: "
+                f"{', '.join(missing)}. Copy the complete checkpoint."
+            )
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        extra = ""
+        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+            extra = (
+                " It has PyTorch .bin/.pt weights: convert them to safetensors "
+                "(load with transformers and save_pretrained(..., safe_serialization=True))."
+            )
+        raise FileNotFoundError(f"no *.safetensors weight files in {model_dir}.{extra}")
+    return files
+
+
+def _target(model: CausalLM, name: str) -> tuple[torch.Tensor, int | None]:
+    """The parameter a checkpoint tensor goes into, and its fused slice index."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in _FUSED:
+            fused, shard = _FUSED[part]
+            parts[i] = fused
+            return model.get_parameter(".".join(parts)), shard
+    return model.get_parameter(name), None
+
+
+def _fused_slice(model: CausalLM, param: torch.Tensor, shard: int) -> torch.Tensor:
+    c = model.config
+    if param.shape[0] == 2 * c.intermediate_size:  # gate_up_proj
+        sizes = [c.intermediate_size, c.intermediate_size]
+    else:  # qkv_proj
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        sizes = [q, kv, kv]
+    start = sum(sizes[:shard])
+    return param.narrow(0, start, sizes[shard])
+
+
+def load_weights(model: CausalLM, model_dir: str | Path) -> None:
+    files = checkpoint_files(model_dir)
+    expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    # Fused parameters are complete once every slice is written.
+    written: set[str] = set()
+    for path in tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard",
+                     disable=len(files) < 2):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    continue
+                try:
+                    param, shard = _target(model, name)
+                except AttributeError:
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} in {path.name} does not belong to a "
+                        f"{model.config.architecture}; is config.json from the same checkpoint?"
+                    ) from None
+                dst = param if shard is None else _fused_slice(model, param, shard)
+                src = f.get_tensor(name)
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {tuple(src.shape)} but the "
+                        f"model built from config.json expects {tuple(dst.shape)}"
+                    )
+                with torch.no_grad():
+                    dst.copy_(src)
+                written.add(name)
+    missing = _missing(expected, written)
+    if missing:
+        shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(
+            f"checkpoint in {model_dir} is missing {len(missing)} weight tensor(s): {shown}. "
+            "Copy the complete checkpoint (all shards)."
+        )
+
+
+def _missing(expected: set[str], written: set[str]) -> set[str]:
+    """Model parameters that no checkpoint tensor (or fused slice) filled."""
+    covered: set[str] = set()
+    for name in written:
+        parts = name.split(".")
+        covered.add(".".join(_FUSED.get(p, (p,))[0] for p in parts))
+    missing = expected - covered
+    # A fused parameter is covered only if all its slices were written.
+    for fused, n in (("qkv_proj", 3), ("gate_up_proj", 2)):
+        for name in list(expected):
+            if f".{fused}." not in name:
+                continue
+            pieces = [p for p, (f, _) in _FUSED.items() if f == fused]
+            have = sum(name.replace(fused, p) in written for p in pieces)
+            if have != n:
+                missing.add(name)
+    return missing
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    ops=TorchOps,
+) -> CausalLM:
+    """Build the decoder named by config.json and fill it from the checkpoint."""
+    config = ModelConfig.from_pretrained(model_dir)
+    torch_dtype = resolve_dtype(dtype, config)
+    with torch.device(device):
+        model = CausalLM(config, torch_dtype, ops=ops)
+    load_weights(model, model_dir)
+    return model.to(device).eval()

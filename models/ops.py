@@ -1,0 +1,96 @@
+"""The ops layer: the primitives whose implementation differs per backend.
+
+Models call these through an `Ops` object chosen when the model is built (that
+is, at trace time); model code never branches on the backend. `TorchOps` is
+the plain-torch implementation used by the eager path, Inductor/AOTInductor
+and ONNX export. An Ascend implementation provides the same methods with
+torch_npu ops (see DESIGN.md's table).
+
+Shapes (B rows, T tokens per row, KV layout from graphs.kv_cache):
+  q            [B, T, num_heads, head_dim]
+  k, v         [B, T, num_kv_heads, head_dim]
+  kv_cache     [2, num_blocks, block_size, num_kv_heads, head_dim]
+  slot_mapping [B*T]  flat slot per token; padding tokens point into block 0
+  block_tables [B, MAXB]
+  positions    [B, T]  absolute position of each token
+  context_lens [B]     tokens in the cache for the row once this step's are written
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def write_kv(
+        kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        two, nb, bs, h, d = kv_cache.shape
+        flat = kv_cache.view(two, nb * bs, h, d)
+        flat[0].index_copy_(0, slot_mapping, k.reshape(-1, h, d).to(kv_cache.dtype))
+        flat[1].index_copy_(0, slot_mapping, v.reshape(-1, h, d).to(kv_cache.dtype))
+
+    @staticmethod
+    def paged_attention(
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        positions: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        b, t, hq, d = q.shape
+        _, _, bs, hkv, _ = kv_cache.shape
+        maxb = block_tables.shape[1]
+        s = maxb * bs
+        # Gather each row's blocks into a contiguous [B, S, Hkv, D] context.
+        k = kv_cache[0][block_tables].reshape(b, s, hkv, d).transpose(1, 2)
+        v = kv_cache[1][block_tables].reshape(b, s, hkv, d).transpose(1, 2)
+        kpos = torch.arange(s, device=q.device)
+        qpos = positions.unsqueeze(-1)  # [B, T, 1]
+        mask = (kpos <= qpos) & (kpos < context_lens.view(b, 1, 1))
+        if sliding_window is not None:
+            mask = mask & (kpos > qpos - sliding_window)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.to(q.dtype),
+            v.to(q.dtype),
+            attn_mask=mask.unsqueeze(1),
+            scale=scale,
+            enable_gqa=hq != hkv,
+        )
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # Same order as transformers' LlamaRMSNorm: normalise in fp32, cast, scale.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(dtype)
+
+    @staticmethod
+    def rotary(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-interleaved (rotate-half) rotary embedding; cos/sin are [B, T, head_dim]."""
+        cos = cos.unsqueeze(2)
+        sin = sin.unsqueeze(2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+Ops = TorchOps

@@ -1,0 +1,128 @@
+"""`LLM`: vLLM's blocking offline API (generate, chat) over LLMEngine."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from aotllm.runtime.engine import LLMEngine, PromptType
+from aotllm.runtime.engine_args import EngineArgs
+from aotllm.runtime.outputs import RequestOutput
+from aotllm.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """An LLM for offline inference, with vLLM's constructor names.
+
+    `model` is a local Hugging Face checkpoint directory or an aotllm
+    artifact directory. `enforce_eager=True` runs the torch model eagerly.
+    """
+
+    def __init__(self, model: str, **kwargs: Any):
+        self.engine_args = EngineArgs.from_kwargs(str(model), **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"got {len(params_list)} SamplingParams for {len(prompt_list)} prompts; "
+                    "pass one SamplingParams, or one per prompt"
+                )
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to each conversation, then generates."""
+        if not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template; pass chat_template= or use generate()"
+            )
+        prompts = []
+        for conv in conversations:
+            # The template writes the special tokens itself, so none are added again.
+            ids = tokenizer.apply_chat_template(
+                conv,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=True,
+                return_dict=False,
+            )
+            text = tokenizer.decode(ids)
+            prompts.append({"prompt": text, "prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(
+        self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._counter))
+                engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            engine.abort_request(ids)  # nothing half-submitted stays queued
+            raise
+        finals: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        n_in = n_out = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                    n_in += len(out.prompt_token_ids)
+                    n_out += sum(len(o.token_ids) for o in out.outputs)
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(
+                        f"est. speed input: {n_in / elapsed:.2f} toks/s, "
+                        f"output: {n_out / elapsed:.2f} toks/s"
+                    )
+                    bar.update(1)
+        bar.close()
+        return [finals[rid] for rid in ids]
+
+
+def _as_prompt_list(prompts) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        raise TypeError(
+            "a bare list of ints is ambiguous; pass {'prompt_token_ids': [...]} for a token prompt"
+        )
+    return list(prompts)

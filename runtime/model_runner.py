@@ -1,0 +1,176 @@
+"""The model runner: owns every tensor, makes no scheduling decisions.
+
+Each step it turns the scheduler's plain-Python output into the graph
+signature's input tensors (padded to the shape the executor asks for), runs
+the executor, and samples the rows that end at their last token.
+
+An *executor* is whatever computes logits from the graph inputs: the eager
+model (`EagerExecutor`) or a table of compiled bucket graphs. It tells the
+runner how to pad a step (`padded_shape`), so padding rules live with the
+graphs that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from aotllm.graphs.kv_cache import NULL_BLOCK, KVCacheSpec
+from aotllm.runtime.outputs import Logprob
+from aotllm.runtime.request import SchedulerOutput
+from aotllm.runtime.sampler import Sampler, SamplingRow, make_generator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    batch: int
+    tokens: int
+    context_blocks: int
+
+
+class Executor(Protocol):
+    device: torch.device
+
+    def padded_shape(self, phase: str, shape: StepShape) -> StepShape: ...
+
+    def __call__(
+        self,
+        phase: str,
+        shape: StepShape,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        query_lens: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor: ...
+
+
+class EagerExecutor:
+    """Runs the torch module directly at the step's exact shape."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model = model
+        self.device = device
+
+    def padded_shape(self, phase: str, shape: StepShape) -> StepShape:
+        return shape
+
+    @torch.inference_mode()
+    def __call__(self, phase, shape, *inputs):
+        *tensors, kv_caches = inputs
+        return self.model(*tensors, kv_caches)
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprobs: dict[int, Logprob] | None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        executor: Executor,
+        kv_spec: KVCacheSpec,
+        num_blocks: int,
+        sampler: Sampler,
+        kv_dtype: torch.dtype,
+        seed: int | None = 0,
+    ):
+        self.executor = executor
+        self.device = executor.device
+        self.kv_spec = kv_spec
+        self.sampler = sampler
+        # Zeroed, not empty: masked-out cache entries must be finite.
+        self.kv_caches = [
+            torch.zeros(kv_spec.layer_shape(num_blocks), dtype=kv_dtype, device=self.device)
+            for _ in range(kv_spec.num_layers)
+        ]
+        # Unseeded requests draw from this engine-wide generator (vLLM's `seed`).
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self._request_generators: dict[str, torch.Generator] = {}
+
+    def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        gen = self._request_generators.get(request_id)
+        if gen is None:
+            gen = make_generator(seed, self.device)
+            self._request_generators[request_id] = gen
+        return gen
+
+    def _build_inputs(self, sched: SchedulerOutput, shape: StepShape) -> list[torch.Tensor]:
+        """Pads the step to `shape`: padding rows and tokens write to the null block."""
+        bs = self.kv_spec.block_size
+        b, t, maxb = shape.batch, shape.tokens, shape.context_blocks
+        input_ids = [[0] * t for _ in range(b)]
+        positions = [[0] * t for _ in range(b)]
+        slots = [[NULL_BLOCK * bs] * t for _ in range(b)]
+        tables = [[NULL_BLOCK] * maxb for _ in range(b)]
+        context_lens = [1] * b
+        query_lens = [1] * b
+        for i, seq in enumerate(sched.seqs):
+            n = len(seq.token_ids)
+            input_ids[i][:n] = seq.token_ids
+            pos = range(seq.start_pos, seq.start_pos + n)
+            positions[i][:n] = pos
+            slots[i][:n] = [seq.block_ids[p // bs] * bs + p % bs for p in pos]
+            tables[i][: len(seq.block_ids)] = seq.block_ids
+            context_lens[i] = seq.start_pos + n
+            query_lens[i] = n
+        dev = self.device
+        return [
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            torch.tensor(slots, dtype=torch.int64, device=dev).view(-1),
+            torch.tensor(tables, dtype=torch.int64, device=dev),
+            torch.tensor(context_lens, dtype=torch.int64, device=dev),
+            torch.tensor(query_lens, dtype=torch.int64, device=dev),
+        ]
+
+    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
+        # A preempted request keeps its generator: its recompute must not
+        # replay random draws it has already used.
+        for rid in sched.finished_ids:
+            self._request_generators.pop(rid, None)
+        if sched.is_empty:
+            return {}
+        exact = StepShape(
+            batch=len(sched.seqs),
+            tokens=max(len(s.token_ids) for s in sched.seqs),
+            context_blocks=max(len(s.block_ids) for s in sched.seqs),
+        )
+        shape = self.executor.padded_shape(sched.phase, exact)
+        inputs = self._build_inputs(sched, shape)
+        logits = self.executor(sched.phase, shape, *inputs, self.kv_caches)
+        rows = [i for i, s in enumerate(sched.seqs) if s.sample]
+        if not rows:
+            return {}
+        sampling_rows = []
+        for i in rows:
+            req = sched.seqs[i].request
+            sampling_rows.append(
+                SamplingRow(
+                    params=req.sampling_params,
+                    prompt_token_ids=req.prompt_token_ids,
+                    output_token_ids=req.output_token_ids,
+                    generator=self._generator_for(req.request_id, req.sampling_params.seed),
+                )
+            )
+        index = torch.tensor(rows, device=logits.device)
+        out = self.sampler(logits.index_select(0, index), sampling_rows, self.generator)
+        return {
+            sched.seqs[i].request_id: SampledToken(tok, lp)
+            for i, tok, lp in zip(rows, out.token_ids, out.logprobs)
+        }
