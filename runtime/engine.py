@@ -142,6 +142,7 @@ class LLMEngine:
                 spaces_between_special_tokens=params.spaces_between_special_tokens,
                 stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             )
             wants_lp = params.logprobs is not None
             group.samples.append(
@@ -201,7 +202,10 @@ class LLMEngine:
                 lp.decoded_token = sample.detokenizer.decode_token(tid)
             sample.logprobs.append(tok.logprobs)
             sample.cumulative_logprob += tok.logprobs[tok.token_id].logprob
-        stop_str = sample.detokenizer.update([tok.token_id])
+        # The scheduler has already finished a request whose token is EOS or a
+        # stop token id; that token's text is left out, as in vLLM.
+        stop_terminated = req.status is RequestStatus.FINISHED_STOPPED
+        stop_str = sample.detokenizer.update([tok.token_id], stop_terminated=stop_terminated)
         if stop_str is not None and not req.status.finished:
             self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             req.stop_reason = stop_str

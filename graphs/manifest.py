@@ -1,0 +1,333 @@
+"""The artifact directory contract: the only thing passed from compile to serve.
+
+An artifact directory holds::
+
+    manifest.json           this module's `Manifest`, as JSON
+    weights.safetensors     the weights, stored once and bound to every graph
+    graphs/<bucket>.*       one compiled graph per bucket
+    tokenizer files         copied from the checkpoint
+
+Paths in the manifest are relative to the artifact directory, with ``/``
+separators, so an artifact can be moved or copied whole.
+
+Loading refuses an artifact that does not fit this host (`check_runtime_compat`)
+or whose files are missing or damaged (`verify_files`), with an `ArtifactError`
+that says what to do. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from aotllm.graphs.buckets import Bucket, BucketPlan
+from aotllm.graphs.kv_cache import KVCacheSpec
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+GRAPHS_DIR = "graphs"
+
+_RECOMPILE = "recompile the model with `aotllm compile`"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ArtifactError(Exception):
+    """An artifact directory cannot be used; the message says why and what to do."""
+
+
+def _check_relative(path: str, what: str) -> str:
+    # A manifest is untrusted input: its paths must stay inside the artifact.
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or ".." in p.parts or "\\" in path:
+        raise ValueError(f"{what} must be a relative path inside the artifact, got {path!r}")
+    return path
+
+
+def _check_sha256(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ValueError(f"{what} must be 64 lowercase hex digits, got {value!r}")
+    return value
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    bucket: Bucket
+    file: str  # relative to the artifact directory, e.g. "graphs/decode_b8_t1_c16.pt2"
+    sha256: str
+    compile_seconds: float
+    # Content hash of everything that produced this graph, so a recompile can
+    # reuse it when nothing changed.
+    key: str
+
+    def __post_init__(self) -> None:
+        _check_relative(self.file, f"graph file of {self.bucket.name}")
+        _check_sha256(self.sha256, f"sha256 of {self.file}")
+
+    def to_dict(self) -> dict:
+        return {
+            "bucket": self.bucket.to_dict(),
+            "file": self.file,
+            "sha256": self.sha256,
+            "compile_seconds": self.compile_seconds,
+            "key": self.key,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphEntry":
+        return cls(
+            bucket=Bucket.from_dict(d["bucket"]),
+            file=str(d["file"]),
+            sha256=str(d["sha256"]),
+            compile_seconds=float(d["compile_seconds"]),
+            key=str(d["key"]),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_config: dict  # the checkpoint's config.json content
+    architecture: str  # e.g. "LlamaForCausalLM"
+    dtype: str  # torch dtype name without "torch."
+    quantization: str | None
+    backend: str
+    backend_version: str
+    device: str  # what it was compiled for, e.g. "cpu", "cuda", "npu"
+    torch_version: str
+    kv_cache: dict  # KVCacheSpec.to_dict()
+    plan: dict  # BucketPlan.to_dict()
+    graphs: tuple[GraphEntry, ...]
+    weights_sha256: str
+    weights_file: str = "weights.safetensors"
+    created_at: str = field(default_factory=_utc_now)
+    extra: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "graphs", tuple(self.graphs))
+        _check_relative(self.weights_file, "weights_file")
+        _check_sha256(self.weights_sha256, f"sha256 of {self.weights_file}")
+        # Fail at construction (and so at read time), not halfway through loading.
+        self.bucket_plan()
+        self.kv_cache_spec()
+
+    def bucket_plan(self) -> BucketPlan:
+        return BucketPlan.from_dict(self.plan)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec.from_dict(self.kv_cache)
+
+    def graph_for(self, bucket: Bucket) -> GraphEntry:
+        for entry in self.graphs:
+            if entry.bucket == bucket:
+                return entry
+        raise KeyError(f"the manifest has no graph for bucket {bucket.name}")
+
+    def to_dict(self) -> dict:
+        # format_version first so a reader (or a person) sees it at the top.
+        return {
+            "format_version": self.format_version,
+            "architecture": self.architecture,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "backend": self.backend,
+            "backend_version": self.backend_version,
+            "device": self.device,
+            "torch_version": self.torch_version,
+            "created_at": self.created_at,
+            "weights_file": self.weights_file,
+            "weights_sha256": self.weights_sha256,
+            "kv_cache": self.kv_cache,
+            "plan": self.plan,
+            "graphs": [g.to_dict() for g in self.graphs],
+            "model_config": self.model_config,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        """Raises ArtifactError for another format version, KeyError/TypeError/ValueError
+        for a malformed dict."""
+        version = d.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise ArtifactError(_version_message(version))
+        return cls(
+            model_config=dict(d["model_config"]),
+            architecture=str(d["architecture"]),
+            dtype=str(d["dtype"]),
+            quantization=None if d["quantization"] is None else str(d["quantization"]),
+            backend=str(d["backend"]),
+            backend_version=str(d["backend_version"]),
+            device=str(d["device"]),
+            torch_version=str(d["torch_version"]),
+            kv_cache=dict(d["kv_cache"]),
+            plan=dict(d["plan"]),
+            graphs=tuple(GraphEntry.from_dict(g) for g in d["graphs"]),
+            weights_file=str(d.get("weights_file", "weights.safetensors")),
+            weights_sha256=str(d["weights_sha256"]),
+            created_at=str(d["created_at"]),
+            extra=dict(d.get("extra", {})),
+            format_version=version,
+        )
+
+    def write(self, artifact_dir: str | os.PathLike[str]) -> Path:
+        """Write manifest.json atomically: a reader sees the old file or the new one."""
+        directory = Path(artifact_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            target = directory / MANIFEST_FILE
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def read(cls, artifact_dir: str | os.PathLike[str]) -> "Manifest":
+        path = Path(artifact_dir) / MANIFEST_FILE
+        if not path.is_file():
+            raise ArtifactError(
+                f"{artifact_dir} is not an aotllm artifact: {MANIFEST_FILE} not found. "
+                f"Pass the directory `aotllm compile` wrote, or compile one with `aotllm compile`"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(
+                f"{path} is not valid JSON ({e}); the artifact is damaged or was copied "
+                f"incompletely. Copy it again or {_RECOMPILE}"
+            ) from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{path} does not hold a JSON object; {_RECOMPILE}")
+        try:
+            return cls.from_dict(data)
+        except ArtifactError as e:
+            raise ArtifactError(f"{path}: {e}") from None
+        except KeyError as e:
+            raise ArtifactError(f"{path} is missing the field {e}; {_RECOMPILE}") from None
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{path} is malformed ({e}); {_RECOMPILE}") from None
+
+
+def _version_message(version: object) -> str:
+    if version is None:
+        return f"the manifest has no format_version; it was not written by aotllm. {_RECOMPILE}"
+    if type(version) is int and version > FORMAT_VERSION:
+        hint = "it was written by a newer aotllm: upgrade aotllm, or " + _RECOMPILE
+    else:
+        hint = _RECOMPILE + " from this aotllm"
+    return (
+        f"the artifact has format version {version!r} but this aotllm reads format "
+        f"version {FORMAT_VERSION}; {hint}"
+    )
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks (weights files are many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(
+    manifest: Manifest, artifact_dir: str | os.PathLike[str], check_hashes: bool = True
+) -> None:
+    """Check that every bucket has a graph and every file exists (and matches its hash)."""
+    directory = Path(artifact_dir)
+    planned = set(manifest.bucket_plan().buckets)
+    missing_graphs = sorted(b.name for b in planned - {g.bucket for g in manifest.graphs})
+    if missing_graphs:
+        raise ArtifactError(
+            f"the manifest in {directory} has no graph for buckets {missing_graphs}; "
+            f"the compile did not finish. {_RECOMPILE}"
+        )
+
+    files = [(manifest.weights_file, manifest.weights_sha256)]
+    files += [(g.file, g.sha256) for g in manifest.graphs]
+    # Report every missing file before hashing anything: hashing weights is slow.
+    missing = [name for name, _ in files if not (directory / name).is_file()]
+    if missing:
+        raise ArtifactError(
+            f"the artifact in {directory} is incomplete, missing: {', '.join(missing)}. "
+            f"Copy the whole artifact directory again or {_RECOMPILE}"
+        )
+    if not check_hashes:
+        return
+    for name, expected in files:
+        actual = sha256_file(directory / name)
+        if actual != expected:
+            raise ArtifactError(
+                f"{directory / name} is corrupted: its sha256 is {actual}, the manifest "
+                f"expects {expected}. Copy the artifact again or {_RECOMPILE}"
+            )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release part of a version ("2.13.0+cpu" and "2.13.0.dev1" -> (2, 13, 0))."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip().lstrip("vV"))
+    if not match:
+        return ()
+    parts = [int(p) for p in match.group().split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def _device_type(device: str) -> str:
+    return device.strip().split(":", 1)[0].lower()
+
+
+def check_runtime_compat(
+    manifest: Manifest, *, torch_version: str, backends: Collection[str], device: str
+) -> None:
+    """Raise ArtifactError unless this host can run the artifact's graphs.
+
+    Compiled graphs only load under the torch release that built them; the
+    local suffix (+cpu, +cu128) is ignored. A device index does not matter:
+    an artifact compiled for "cuda" runs on "cuda:1".
+    """
+    problems = []
+    built, here = _release(manifest.torch_version), _release(torch_version)
+    if not built or built != here:
+        problems.append(
+            f"it was compiled with torch {manifest.torch_version} but this host has torch "
+            f"{torch_version}: install torch=={manifest.torch_version.split('+')[0]} or "
+            f"{_RECOMPILE} under this torch"
+        )
+    if manifest.backend not in backends:
+        available = ", ".join(sorted(backends)) or "none"
+        problems.append(
+            f"it was compiled for the {manifest.backend!r} backend but this host can load "
+            f"only: {available}. Install that backend's runtime or {_RECOMPILE} for one "
+            f"of these backends"
+        )
+    if _device_type(manifest.device) != _device_type(device):
+        problems.append(
+            f"it was compiled for device {manifest.device!r} but this runs on {device!r}: "
+            f"{_RECOMPILE} for {_device_type(device)!r}, or serve it on a "
+            f"{_device_type(manifest.device)!r} host"
+        )
+    if problems:
+        raise ArtifactError("this artifact cannot run here: " + "; ".join(problems))
+
+
+def is_artifact_dir(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()

@@ -1,0 +1,232 @@
+"""The bucket table: defaults, overrides, validation, padding."""
+
+from __future__ import annotations
+
+import pytest
+
+from aotllm.graphs.buckets import Bucket, BucketPlan, pad_to_bucket, plan_buckets
+
+
+def _tokens(plan: BucketPlan) -> list[int]:
+    return [b.tokens for b in plan.prefill]
+
+
+def _batches(plan: BucketPlan) -> list[int]:
+    return sorted({b.batch for b in plan.decode})
+
+
+def _contexts(plan: BucketPlan) -> list[int]:
+    return sorted({b.context_blocks * plan.block_size for b in plan.decode})
+
+
+# -- defaults ---------------------------------------------------------------
+
+
+def test_defaults_typical_config() -> None:
+    plan = plan_buckets(max_model_len=4096, max_num_seqs=32, block_size=16)
+    assert _tokens(plan) == [16, 64, 256, 1024, 2048]
+    # A later chunk of a long prompt attends to everything before it.
+    assert {b.context_blocks for b in plan.prefill} == {256}
+    assert {b.batch for b in plan.prefill} == {1}
+    assert _batches(plan) == [1, 2, 4, 8, 16, 24, 32]
+    assert _contexts(plan) == [256, 1024, 4096]
+    assert {b.tokens for b in plan.decode} == {1}
+    assert len(plan.decode) == 7 * 3  # the full cross product
+    assert plan.max_prefill_tokens == 2048
+    assert plan.max_decode_batch == 32
+    assert plan.buckets == plan.prefill + plan.decode
+
+
+def test_defaults_small_model_len_not_block_aligned() -> None:
+    plan = plan_buckets(max_model_len=100, max_num_seqs=3, block_size=16)
+    assert _tokens(plan) == [16, 64, 100]  # the cap is always included
+    assert _batches(plan) == [1, 2, 3]
+    # 100 tokens need 7 blocks of 16: the one context bucket covers them.
+    assert _contexts(plan) == [112]
+    assert {b.context_blocks for b in plan.prefill} == {7}
+
+
+def test_defaults_large_block_size() -> None:
+    plan = plan_buckets(max_model_len=8192, max_num_seqs=20, block_size=128)
+    assert _tokens(plan) == [128, 512, 2048]
+    assert _batches(plan) == [1, 2, 4, 8, 16, 20]
+    assert _contexts(plan) == [256, 1024, 4096, 8192]
+
+
+def test_defaults_single_sequence() -> None:
+    plan = plan_buckets(max_model_len=16, max_num_seqs=1, block_size=16)
+    assert _tokens(plan) == [16]
+    assert [b.name for b in plan.decode] == ["decode_b1_t1_c1"]
+
+
+def test_buckets_sorted_and_unique() -> None:
+    plan = plan_buckets(max_model_len=2048, max_num_seqs=256, block_size=16)
+    for phase in (plan.prefill, plan.decode):
+        keys = [(b.batch, b.tokens, b.context_blocks) for b in phase]
+        assert keys == sorted(keys)
+    names = [b.name for b in plan.buckets]
+    assert len(names) == len(set(names))
+
+
+# -- overrides --------------------------------------------------------------
+
+
+def test_overrides_are_sorted_and_deduped() -> None:
+    plan = plan_buckets(
+        max_model_len=1000,
+        max_num_seqs=8,
+        block_size=16,
+        prefill_buckets=[512, 32, 512],
+        decode_batch_sizes=[8, 1, 8],
+        context_buckets=[1008, 512, 512],
+    )
+    assert _tokens(plan) == [32, 512]
+    assert _batches(plan) == [1, 8]
+    assert _contexts(plan) == [512, 1008]
+    assert plan.prefill[0].context_blocks == 63  # ceil(1000 / 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prefill_buckets": [0, 64]}, "positive integer"),
+        ({"prefill_buckets": [4096]}, "above max_model_len"),
+        ({"prefill_buckets": []}, "must not be empty"),
+        ({"decode_batch_sizes": [1, 4]}, "must equal max_num_seqs=8"),
+        ({"decode_batch_sizes": [1, 16]}, "must equal max_num_seqs=8"),
+        ({"context_buckets": [100, 2048]}, "not multiples of block_size=16"),
+        ({"context_buckets": [256, 1024]}, r"must be 2048 \(max_model_len=2048"),
+        ({"context_buckets": [256, 4096]}, r"must be 2048 \(max_model_len=2048"),
+        ({"max_model_len": 0}, "max_model_len must be a positive integer"),
+    ],
+)
+def test_override_validation(kwargs: dict, match: str) -> None:
+    args = {"max_model_len": 2048, "max_num_seqs": 8, "block_size": 16} | kwargs
+    with pytest.raises(ValueError, match=match):
+        plan_buckets(**args)
+
+
+@pytest.mark.parametrize("bad", [[1.5], ["16"], [True], "16"])
+def test_override_type_errors(bad: object) -> None:
+    with pytest.raises(TypeError, match="positive integer"):
+        plan_buckets(2048, 8, 16, prefill_buckets=bad)  # type: ignore[arg-type]
+
+
+def test_context_override_rounds_to_block_multiple_of_model_len() -> None:
+    plan = plan_buckets(100, 1, 16, context_buckets=[112])
+    assert _contexts(plan) == [112]
+    with pytest.raises(ValueError, match=r"must be 112 \(max_model_len=100"):
+        plan_buckets(100, 1, 16, context_buckets=[96])
+
+
+# -- Bucket ------------------------------------------------------------------
+
+
+def test_bucket_name_is_stable_and_file_safe() -> None:
+    assert Bucket("prefill", 1, 128, 256).name == "prefill_b1_t128_c256"
+    assert Bucket("decode", 8, 1, 16).name == "decode_b8_t1_c16"
+    plan = plan_buckets(4096, 64, 16)
+    for b in plan.buckets:
+        assert b.name.replace("_", "").isalnum()
+        assert Bucket.from_dict(b.to_dict()) == b
+
+
+@pytest.mark.parametrize(
+    ("args", "exc"),
+    [
+        (("mixed", 1, 1, 1), ValueError),
+        (("decode", 2, 4, 1), ValueError),
+        (("prefill", 0, 16, 1), ValueError),
+        (("prefill", 1, 16.0, 1), TypeError),
+    ],
+)
+def test_bucket_validation(args: tuple, exc: type) -> None:
+    with pytest.raises(exc):
+        Bucket(*args)
+
+
+def test_plan_round_trip() -> None:
+    plan = plan_buckets(4096, 24, 32, prefill_buckets=[64, 512])
+    again = BucketPlan.from_dict(plan.to_dict())
+    assert again == plan
+    assert again.prefill == plan.prefill and again.decode == plan.decode
+
+
+def test_plan_rejects_wrong_phase() -> None:
+    with pytest.raises(ValueError, match="decode buckets"):
+        BucketPlan(16, 256, (Bucket("prefill", 1, 16, 16),), (Bucket("prefill", 1, 32, 16),))
+
+
+# -- pad_to_bucket ----------------------------------------------------------
+
+PLAN = plan_buckets(max_model_len=4096, max_num_seqs=32, block_size=16)
+
+
+@pytest.mark.parametrize(
+    ("batch", "context_len", "expected"),
+    [
+        (1, 1, "decode_b1_t1_c16"),
+        (1, 256, "decode_b1_t1_c16"),
+        (1, 257, "decode_b1_t1_c64"),  # one token over a block boundary
+        (3, 100, "decode_b4_t1_c16"),
+        (9, 1024, "decode_b16_t1_c64"),
+        (17, 4000, "decode_b24_t1_c256"),
+        (32, 4096, "decode_b32_t1_c256"),
+    ],
+)
+def test_pad_decode(batch: int, context_len: int, expected: str) -> None:
+    assert pad_to_bucket(PLAN.decode, batch, 1, context_len, block_size=16).name == expected
+    assert PLAN.bucket_for("decode", batch, 1, context_len).name == expected
+
+
+@pytest.mark.parametrize(
+    ("tokens", "context_len", "expected"),
+    [
+        (1, 1, "prefill_b1_t16_c256"),
+        (16, 16, "prefill_b1_t16_c256"),
+        (17, 17, "prefill_b1_t64_c256"),
+        (300, 4000, "prefill_b1_t1024_c256"),
+        (2048, 4096, "prefill_b1_t2048_c256"),
+    ],
+)
+def test_pad_prefill(tokens: int, context_len: int, expected: str) -> None:
+    assert PLAN.bucket_for("prefill", 1, tokens, context_len).name == expected
+
+
+def test_pad_prefers_fewer_tokens_then_narrower_context() -> None:
+    buckets = [
+        Bucket("decode", 8, 1, 4),
+        Bucket("decode", 4, 1, 64),
+        Bucket("decode", 4, 1, 16),
+    ]
+    # B*T decides first: b4 beats b8 even though b8 has the narrower table.
+    assert pad_to_bucket(buckets, 3, 1, 10, block_size=16).name == "decode_b4_t1_c16"
+    assert pad_to_bucket(buckets, 5, 1, 10, block_size=16).name == "decode_b8_t1_c4"
+
+
+@pytest.mark.parametrize(
+    ("phase", "batch", "tokens", "context_len"),
+    [
+        ("decode", 33, 1, 10),
+        ("decode", 1, 1, 4097),
+        ("prefill", 1, 2049, 2049),
+        ("prefill", 2, 16, 16),
+    ],
+)
+def test_pad_raises_when_nothing_fits(
+    phase: str, batch: int, tokens: int, context_len: int
+) -> None:
+    largest = {"decode": "decode_b32_t1_c256", "prefill": "prefill_b1_t2048_c256"}[phase]
+    with pytest.raises(ValueError, match=f"batch={batch}, tokens={tokens}.*largest is {largest}"):
+        PLAN.bucket_for(phase, batch, tokens, context_len)
+
+
+def test_pad_rejects_bad_requests() -> None:
+    with pytest.raises(ValueError, match="one phase"):
+        pad_to_bucket(PLAN.buckets, 1, 1, 1, block_size=16)
+    with pytest.raises(ValueError, match="at least one bucket"):
+        pad_to_bucket([], 1, 1, 1, block_size=16)
+    with pytest.raises(ValueError, match="smaller than tokens"):
+        pad_to_bucket(PLAN.prefill, 1, 64, 10, block_size=16)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        pad_to_bucket(PLAN.decode, 0, 1, 10, block_size=16)

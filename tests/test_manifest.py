@@ -1,0 +1,275 @@
+"""The artifact manifest: round trip, file checks, runtime compatibility."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from aotllm.graphs.buckets import plan_buckets
+from aotllm.graphs.kv_cache import KVCacheSpec
+from aotllm.graphs.manifest import (
+    FORMAT_VERSION,
+    ArtifactError,
+    GraphEntry,
+    Manifest,
+    check_runtime_compat,
+    is_artifact_dir,
+    sha256_file,
+    verify_files,
+)
+
+PLAN = plan_buckets(max_model_len=64, max_num_seqs=2, block_size=16)
+SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=16, dtype="float32")
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _make_artifact(directory: Path) -> Manifest:
+    """A complete artifact with one small fake graph file per bucket."""
+    graphs = []
+    for bucket in PLAN.buckets:
+        rel = f"graphs/{bucket.name}.pt2"
+        digest = _write(directory / rel, bucket.name.encode())
+        graphs.append(GraphEntry(bucket, rel, digest, compile_seconds=1.5, key="k-" + bucket.name))
+    weights_sha = _write(directory / "weights.safetensors", b"weights" * 1000)
+    manifest = Manifest(
+        model_config={"model_type": "llama", "hidden_size": 16, "rope_scaling": None},
+        architecture="LlamaForCausalLM",
+        dtype="float32",
+        quantization=None,
+        backend="aoti",
+        backend_version="2.13.0",
+        device="cpu",
+        torch_version="2.13.0+cpu",
+        kv_cache=SPEC.to_dict(),
+        plan=PLAN.to_dict(),
+        graphs=tuple(graphs),
+        weights_sha256=weights_sha,
+        extra={"note": "test"},
+    )
+    manifest.write(directory)
+    return manifest
+
+
+@pytest.fixture
+def artifact(tmp_path: Path) -> tuple[Path, Manifest]:
+    return tmp_path, _make_artifact(tmp_path)
+
+
+def _edit_json(directory: Path, **changes: object) -> None:
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+# -- round trip --------------------------------------------------------------
+
+
+def test_round_trip(artifact: tuple[Path, Manifest]) -> None:
+    directory, manifest = artifact
+    again = Manifest.read(directory)
+    assert again == manifest
+    assert again.format_version == FORMAT_VERSION
+    assert again.bucket_plan() == PLAN
+    assert again.kv_cache_spec() == SPEC
+    bucket = PLAN.decode[-1]
+    assert again.graph_for(bucket).file == f"graphs/{bucket.name}.pt2"
+    assert is_artifact_dir(directory)
+    assert not is_artifact_dir(directory / "graphs")
+
+
+def test_write_is_pretty_and_leaves_no_temp_files(artifact: tuple[Path, Manifest]) -> None:
+    directory, manifest = artifact
+    text = (directory / "manifest.json").read_text()
+    assert text.startswith('{\n  "format_version": 1,')
+    manifest.write(directory)  # overwriting goes through os.replace too
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "graphs",
+        "manifest.json",
+        "weights.safetensors",
+    ]
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 10_000  # more than one read chunk
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_construction_rejects_paths_outside_the_artifact() -> None:
+    bucket = PLAN.decode[0]
+    with pytest.raises(ValueError, match="relative path"):
+        GraphEntry(bucket, "../evil.so", "0" * 64, 0.0, "k")
+    with pytest.raises(ValueError, match="relative path"):
+        GraphEntry(bucket, "/abs/evil.so", "0" * 64, 0.0, "k")
+    with pytest.raises(ValueError, match="hex"):
+        GraphEntry(bucket, "graphs/x.pt2", "not-a-hash", 0.0, "k")
+
+
+# -- Manifest.read errors -----------------------------------------------------
+
+
+def test_read_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="manifest.json not found.*aotllm compile"):
+        Manifest.read(tmp_path)
+
+
+def test_read_bad_json(artifact: tuple[Path, Manifest]) -> None:
+    directory, _ = artifact
+    (directory / "manifest.json").write_text('{"format_version": 1,')
+    with pytest.raises(ArtifactError, match="not valid JSON.*aotllm compile"):
+        Manifest.read(directory)
+
+
+def test_read_not_an_object(artifact: tuple[Path, Manifest]) -> None:
+    directory, _ = artifact
+    (directory / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="JSON object"):
+        Manifest.read(directory)
+
+
+@pytest.mark.parametrize(
+    ("version", "match"),
+    [
+        (FORMAT_VERSION + 1, r"format version 2 but this aotllm reads format version 1.*upgrade"),
+        (0, r"format version 0 but this aotllm reads format version 1.*recompile"),
+        ("1", r"format version '1'"),
+        (None, r"no format_version"),
+    ],
+)
+def test_read_unknown_format_version(
+    artifact: tuple[Path, Manifest], version: object, match: str
+) -> None:
+    directory, _ = artifact
+    _edit_json(directory, format_version=version)
+    with pytest.raises(ArtifactError, match=match):
+        Manifest.read(directory)
+
+
+def test_read_missing_field(artifact: tuple[Path, Manifest]) -> None:
+    directory, _ = artifact
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["backend"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="missing the field 'backend'"):
+        Manifest.read(directory)
+
+
+def test_read_malformed_plan(artifact: tuple[Path, Manifest]) -> None:
+    directory, _ = artifact
+    _edit_json(directory, plan={"block_size": 16, "max_model_len": 64, "prefill": [], "decode": []})
+    with pytest.raises(ArtifactError, match="malformed.*at least one prefill bucket"):
+        Manifest.read(directory)
+
+
+def test_read_rejects_path_traversal(artifact: tuple[Path, Manifest]) -> None:
+    directory, _ = artifact
+    _edit_json(directory, weights_file="../../etc/passwd")
+    with pytest.raises(ArtifactError, match="relative path inside the artifact"):
+        Manifest.read(directory)
+
+
+# -- verify_files ---------------------------------------------------------------
+
+
+def test_verify_ok(artifact: tuple[Path, Manifest]) -> None:
+    directory, manifest = artifact
+    verify_files(manifest, directory)  # does not raise
+
+
+def test_verify_missing_graph_file(artifact: tuple[Path, Manifest]) -> None:
+    directory, manifest = artifact
+    victim = manifest.graphs[1].file
+    (directory / victim).unlink()
+    with pytest.raises(ArtifactError, match=f"missing: {victim}"):
+        verify_files(manifest, directory, check_hashes=False)
+
+
+def test_verify_missing_weights(artifact: tuple[Path, Manifest]) -> None:
+    directory, manifest = artifact
+    (directory / "weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="missing: weights.safetensors"):
+        verify_files(manifest, directory)
+
+
+@pytest.mark.parametrize("target", ["weights.safetensors", "graph"])
+def test_verify_hash_mismatch(artifact: tuple[Path, Manifest], target: str) -> None:
+    directory, manifest = artifact
+    name = manifest.graphs[0].file if target == "graph" else target
+    with open(directory / name, "ab") as f:
+        f.write(b"!")
+    verify_files(manifest, directory, check_hashes=False)  # sizes are not checked
+    with pytest.raises(ArtifactError, match=f"{Path(name).name} is corrupted"):
+        verify_files(manifest, directory)
+
+
+def test_verify_bucket_without_graph(artifact: tuple[Path, Manifest]) -> None:
+    directory, manifest = artifact
+    partial = dataclasses.replace(manifest, graphs=manifest.graphs[:-1])
+    with pytest.raises(ArtifactError, match=PLAN.buckets[-1].name):
+        verify_files(partial, directory)
+
+
+# -- check_runtime_compat --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("torch_version", "device"),
+    [("2.13.0+cpu", "cpu"), ("2.13.0", "cpu"), ("2.13.0+cu128", "CPU")],
+)
+def test_compat_ok(artifact: tuple[Path, Manifest], torch_version: str, device: str) -> None:
+    _, manifest = artifact
+    check_runtime_compat(
+        manifest, torch_version=torch_version, backends={"aoti", "onnx"}, device=device
+    )
+
+
+def test_compat_device_index_is_ignored(artifact: tuple[Path, Manifest]) -> None:
+    _, manifest = artifact
+    cuda = dataclasses.replace(manifest, device="cuda")
+    check_runtime_compat(cuda, torch_version="2.13.0", backends=["aoti"], device="cuda:1")
+    cuda0 = dataclasses.replace(manifest, device="cuda:0")
+    check_runtime_compat(cuda0, torch_version="2.13.0", backends=["aoti"], device="cuda")
+
+
+@pytest.mark.parametrize("other", ["2.12.0+cpu", "2.13.1", "2.1.3"])
+def test_compat_other_torch(artifact: tuple[Path, Manifest], other: str) -> None:
+    _, manifest = artifact
+    match = rf"torch 2.13.0\+cpu but this host has torch {re.escape(other)}.*torch==2.13.0"
+    with pytest.raises(ArtifactError, match=match):
+        check_runtime_compat(manifest, torch_version=other, backends={"aoti"}, device="cpu")
+
+
+def test_compat_other_backend(artifact: tuple[Path, Manifest]) -> None:
+    _, manifest = artifact
+    match = "'aoti' backend but this host can load only: onnx, torchair"
+    with pytest.raises(ArtifactError, match=match):
+        check_runtime_compat(
+            manifest, torch_version="2.13.0", backends={"torchair", "onnx"}, device="cpu"
+        )
+
+
+def test_compat_other_device(artifact: tuple[Path, Manifest]) -> None:
+    _, manifest = artifact
+    with pytest.raises(ArtifactError, match="compiled for device 'cpu' but this runs on 'cuda:0'"):
+        check_runtime_compat(manifest, torch_version="2.13.0", backends={"aoti"}, device="cuda:0")
+
+
+def test_compat_reports_every_problem(artifact: tuple[Path, Manifest]) -> None:
+    _, manifest = artifact
+    with pytest.raises(ArtifactError) as info:
+        check_runtime_compat(manifest, torch_version="2.12.0", backends=(), device="npu:0")
+    message = str(info.value)
+    assert "torch 2.12.0" in message and "backend" in message and "'npu:0'" in message
