@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LLM": "aotllm.runtime.llm",
+    "LLM": "aotllm.llm",
     "SamplingParams": "aotllm.runtime.sampling_params",
     "RequestOutput": "aotllm.runtime.outputs",
     "CompletionOutput": "aotllm.runtime.outputs",
@@ -26,7 +26,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from aotllm.runtime.engine import LLMEngine
     from aotllm.runtime.engine_args import EngineArgs
-    from aotllm.runtime.llm import LLM
+    from aotllm.llm import LLM
     from aotllm.runtime.outputs import CompletionOutput, Logprob, RequestOutput
     from aotllm.runtime.sampling_params import SamplingParams
 

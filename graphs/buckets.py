@@ -181,9 +181,16 @@ def _default_prefill(max_model_len: int, block_size: int) -> list[int]:
 
 
 def _default_decode_batches(max_num_seqs: int) -> list[int]:
-    # vLLM's CUDA-graph capture sizes: small batches are common and cheap.
-    sizes = {1, 2, 4, max_num_seqs} | set(range(8, max_num_seqs + 1, 8))
-    return sorted(s for s in sizes if s <= max_num_seqs)
+    # Powers of two, sparser than vLLM's CUDA-graph capture sizes (1, 2, 4,
+    # then steps of 8): every size is a graph compiled ahead of time, and a
+    # decode step is bound by reading the weights, so padding a batch up to
+    # twice its size costs far less than it would in compute-bound prefill.
+    sizes = {max_num_seqs}
+    size = 1
+    while size < max_num_seqs:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
 
 
 def _default_context(max_model_len: int, block_size: int) -> list[int]:

@@ -43,6 +43,20 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * per_layer + h + head
 
+    def resolve_max_model_len(self, requested: int | None) -> int:
+        """vLLM's rule: default to max_position_embeddings, never exceed it."""
+        if requested is None:
+            return self.max_position_embeddings
+        if requested <= 0:
+            raise ValueError(f"max_model_len must be positive, got {requested}")
+        if requested > self.max_position_embeddings:
+            raise ValueError(
+                f"User-specified max_model_len ({requested}) is greater than the derived "
+                f"max_model_len (max_position_embeddings={self.max_position_embeddings} "
+                "in the model's config.json). Decrease max_model_len."
+            )
+        return requested
+
     def hf_config_object(self):
         """The transformers config object (for rope init and the tokenizer side)."""
         from transformers import AutoConfig

@@ -14,7 +14,9 @@ class EngineArgs:
     dtype: str = "auto"
     seed: int | None = 0
     max_model_len: int | None = None
-    max_num_seqs: int = 256
+    # vLLM defaults to 256; every decode batch size is a graph compiled ahead
+    # of time here, so the default stays small. Raise it for serving.
+    max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None

@@ -1,5 +1,8 @@
-"""Builds an LLMEngine from EngineArgs: an eager model from a Hugging Face
-checkpoint, or (issue: compiled artifacts) a directory of bucket graphs."""
+"""Builds an LLMEngine from EngineArgs: an aotllm artifact directory (compiled
+bucket graphs) or, eagerly, a Hugging Face checkpoint directory.
+
+Compiling a checkpoint is the compiler's job (see aotllm.llm); the runtime
+only loads what it is given."""
 
 from __future__ import annotations
 
@@ -7,7 +10,10 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from aotllm.graphs.kv_cache import KVCacheSpec
+from aotllm.graphs.manifest import Manifest, is_artifact_dir
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
 from aotllm.runtime.engine import LLMEngine
 from aotllm.runtime.engine_args import EngineArgs
@@ -20,20 +26,6 @@ from aotllm.runtime.tokenizer import eos_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-def resolve_max_model_len(requested: int | None, max_position_embeddings: int) -> int:
-    if requested is None:
-        return max_position_embeddings
-    if requested > max_position_embeddings:
-        raise ValueError(
-            f"User-specified max_model_len ({requested}) is greater than the derived "
-            f"max_model_len (max_position_embeddings={max_position_embeddings} in the "
-            "model's config.json). Decrease max_model_len."
-        )
-    if requested <= 0:
-        raise ValueError(f"max_model_len must be positive, got {requested}")
-    return requested
-
-
 def build_engine(args: EngineArgs) -> LLMEngine:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
@@ -41,7 +33,69 @@ def build_engine(args: EngineArgs) -> LLMEngine:
             f"model {args.model!r} is not a local directory. aotllm loads local Hugging Face "
             "checkpoints or aotllm artifact directories (no hub downloads)."
         )
+    if is_artifact_dir(model_dir):
+        return _build_compiled_engine(args)
     return _build_eager_engine(args)
+
+
+def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_budget,
+                   weights_bytes, hf_config, tokenizer_dir, kv_dtype) -> LLMEngine:
+    """The parts shared by the eager and the compiled engine."""
+    device = executor.device
+    tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
+    sched_config = SchedulerConfig(
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=token_budget,
+    )
+    cache_config = CacheConfig(
+        block_size=kv_spec.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+    )
+    num_blocks = determine_num_blocks(cache_config, sched_config, kv_spec, device, weights_bytes)
+    eos = eos_token_ids(tokenizer_dir, hf_config, tokenizer)
+    runner = ModelRunner(executor, kv_spec, num_blocks, Sampler(eos), kv_dtype, args.seed)
+    scheduler = Scheduler(sched_config, kv_spec.block_size, num_blocks)
+    return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, hf_config["vocab_size"])
+
+
+def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
+    from aotllm.runtime.artifact import CompiledExecutor, load_artifact
+
+    manifest = Manifest.read(args.model)
+    device = torch.device(manifest.device) if args.device == "auto" else args.resolve_device()
+    if args.dtype not in ("auto", manifest.dtype):
+        raise ValueError(
+            f"the artifact was compiled for dtype {manifest.dtype}; pass dtype='auto' or "
+            f"'{manifest.dtype}', or recompile with --dtype {args.dtype}"
+        )
+    spec = manifest.kv_cache_spec()
+    if args.block_size not in (spec.block_size, EngineArgs.block_size):
+        raise ValueError(
+            f"the artifact was compiled with block_size {spec.block_size}; recompile with "
+            f"--block-size {args.block_size} to change it"
+        )
+    artifact = load_artifact(args.model, device)
+    plan = artifact.plan
+    max_model_len = plan.max_model_len
+    if args.max_model_len is not None:
+        if args.max_model_len > plan.max_model_len:
+            raise ValueError(
+                f"max_model_len={args.max_model_len} exceeds the artifact's "
+                f"{plan.max_model_len}; recompile with --max-model-len {args.max_model_len}"
+            )
+        max_model_len = args.max_model_len
+    max_num_seqs = min(args.max_num_seqs, plan.max_decode_batch)
+    if max_num_seqs < args.max_num_seqs:
+        logger.info("max_num_seqs capped at %d, the largest decode bucket of the artifact",
+                    max_num_seqs)
+    # Every prefill chunk must fit the largest prefill graph.
+    budget = min(args.max_num_batched_tokens or plan.max_prefill_tokens, plan.max_prefill_tokens)
+    dtype = getattr(torch, manifest.dtype)
+    return _finish_engine(args, CompiledExecutor(artifact, device), spec, max_model_len,
+                          max_num_seqs, budget, artifact.weights_bytes, manifest.model_config,
+                          args.model, dtype)
 
 
 def _build_eager_engine(args: EngineArgs) -> LLMEngine:
@@ -57,18 +111,6 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
         config.architecture, sum(p.numel() for p in model.parameters()) / 1e6,
         str(model.dtype).removeprefix("torch."), time.perf_counter() - t0,
     )
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    max_model_len = resolve_max_model_len(args.max_model_len, config.max_position_embeddings)
-    sched_config = SchedulerConfig(
-        max_model_len=max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    )
-    cache_config = CacheConfig(
-        block_size=args.block_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        num_gpu_blocks_override=args.num_gpu_blocks_override,
-    )
     kv_spec = KVCacheSpec(
         num_layers=config.num_layers,
         num_kv_heads=config.num_kv_heads,
@@ -76,10 +118,7 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
         block_size=args.block_size,
         dtype=str(model.dtype).removeprefix("torch."),
     )
-    num_blocks = determine_num_blocks(cache_config, sched_config, kv_spec, device, weights_bytes)
-    eos = eos_token_ids(args.model, config.hf_config, tokenizer)
-    runner = ModelRunner(
-        EagerExecutor(model, device), kv_spec, num_blocks, Sampler(eos), model.dtype, args.seed
-    )
-    scheduler = Scheduler(sched_config, args.block_size, num_blocks)
-    return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, config.vocab_size)
+    return _finish_engine(args, EagerExecutor(model, device), kv_spec,
+                          config.resolve_max_model_len(args.max_model_len), args.max_num_seqs,
+                          args.max_num_batched_tokens, weights_bytes, config.hf_config,
+                          args.model, model.dtype)

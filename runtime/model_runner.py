@@ -20,7 +20,7 @@ import torch
 
 from aotllm.graphs.kv_cache import NULL_BLOCK, KVCacheSpec
 from aotllm.runtime.outputs import Logprob
-from aotllm.runtime.request import SchedulerOutput
+from aotllm.runtime.request import ScheduledSeq, SchedulerOutput
 from aotllm.runtime.sampler import Sampler, SamplingRow, make_generator
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ class StepShape:
 
 class Executor(Protocol):
     device: torch.device
+
+    def max_batch(self, phase: str) -> int | None:
+        """Most rows one call of `phase` takes (None: any)."""
+        ...
 
     def padded_shape(self, phase: str, shape: StepShape) -> StepShape: ...
 
@@ -58,6 +62,9 @@ class EagerExecutor:
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model = model
         self.device = device
+
+    def max_batch(self, phase: str) -> int | None:
+        return None
 
     def padded_shape(self, phase: str, shape: StepShape) -> StepShape:
         return shape
@@ -110,7 +117,7 @@ class ModelRunner:
             self._request_generators[request_id] = gen
         return gen
 
-    def _build_inputs(self, sched: SchedulerOutput, shape: StepShape) -> list[torch.Tensor]:
+    def _build_inputs(self, seqs: list[ScheduledSeq], shape: StepShape) -> list[torch.Tensor]:
         """Pads the step to `shape`: padding rows and tokens write to the null block."""
         bs = self.kv_spec.block_size
         b, t, maxb = shape.batch, shape.tokens, shape.context_blocks
@@ -120,7 +127,7 @@ class ModelRunner:
         tables = [[NULL_BLOCK] * maxb for _ in range(b)]
         context_lens = [1] * b
         query_lens = [1] * b
-        for i, seq in enumerate(sched.seqs):
+        for i, seq in enumerate(seqs):
             n = len(seq.token_ids)
             input_ids[i][:n] = seq.token_ids
             pos = range(seq.start_pos, seq.start_pos + n)
@@ -144,22 +151,27 @@ class ModelRunner:
         # replay random draws it has already used.
         for rid in sched.finished_ids:
             self._request_generators.pop(rid, None)
-        if sched.is_empty:
-            return {}
+        limit = self.executor.max_batch(sched.phase) or max(len(sched.seqs), 1)
+        sampled: dict[str, SampledToken] = {}
+        for start in range(0, len(sched.seqs), limit):
+            sampled.update(self._run(sched.phase, sched.seqs[start : start + limit]))
+        return sampled
+
+    def _run(self, phase: str, seqs: list[ScheduledSeq]) -> dict[str, SampledToken]:
         exact = StepShape(
-            batch=len(sched.seqs),
-            tokens=max(len(s.token_ids) for s in sched.seqs),
-            context_blocks=max(len(s.block_ids) for s in sched.seqs),
+            batch=len(seqs),
+            tokens=max(len(s.token_ids) for s in seqs),
+            context_blocks=max(len(s.block_ids) for s in seqs),
         )
-        shape = self.executor.padded_shape(sched.phase, exact)
-        inputs = self._build_inputs(sched, shape)
-        logits = self.executor(sched.phase, shape, *inputs, self.kv_caches)
-        rows = [i for i, s in enumerate(sched.seqs) if s.sample]
+        shape = self.executor.padded_shape(phase, exact)
+        inputs = self._build_inputs(seqs, shape)
+        logits = self.executor(phase, shape, *inputs, self.kv_caches)
+        rows = [i for i, s in enumerate(seqs) if s.sample]
         if not rows:
             return {}
         sampling_rows = []
         for i in rows:
-            req = sched.seqs[i].request
+            req = seqs[i].request
             sampling_rows.append(
                 SamplingRow(
                     params=req.sampling_params,
@@ -171,6 +183,6 @@ class ModelRunner:
         index = torch.tensor(rows, device=logits.device)
         out = self.sampler(logits.index_select(0, index), sampling_rows, self.generator)
         return {
-            sched.seqs[i].request_id: SampledToken(tok, lp)
+            seqs[i].request_id: SampledToken(tok, lp)
             for i, tok, lp in zip(rows, out.token_ids, out.logprobs)
         }

@@ -28,10 +28,10 @@ def test_defaults_typical_config() -> None:
     # A later chunk of a long prompt attends to everything before it.
     assert {b.context_blocks for b in plan.prefill} == {256}
     assert {b.batch for b in plan.prefill} == {1}
-    assert _batches(plan) == [1, 2, 4, 8, 16, 24, 32]
+    assert _batches(plan) == [1, 2, 4, 8, 16, 32]
     assert _contexts(plan) == [256, 1024, 4096]
     assert {b.tokens for b in plan.decode} == {1}
-    assert len(plan.decode) == 7 * 3  # the full cross product
+    assert len(plan.decode) == 6 * 3  # the full cross product
     assert plan.max_prefill_tokens == 2048
     assert plan.max_decode_batch == 32
     assert plan.buckets == plan.prefill + plan.decode
@@ -170,7 +170,7 @@ PLAN = plan_buckets(max_model_len=4096, max_num_seqs=32, block_size=16)
         (1, 257, "decode_b1_t1_c64"),  # one token over a block boundary
         (3, 100, "decode_b4_t1_c16"),
         (9, 1024, "decode_b16_t1_c64"),
-        (17, 4000, "decode_b24_t1_c256"),
+        (17, 4000, "decode_b32_t1_c256"),
         (32, 4096, "decode_b32_t1_c256"),
     ],
 )

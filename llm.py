@@ -1,14 +1,22 @@
-"""`LLM`: vLLM's blocking offline API (generate, chat) over LLMEngine."""
+"""`LLM`: vLLM's blocking offline API (generate, chat) over LLMEngine.
+
+This sits above both halves: given a Hugging Face checkpoint without
+`enforce_eager`, it has the compiler build (or reuse) a cached artifact, then
+hands the runtime that artifact. The runtime itself never imports the compiler.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
 
+from aotllm.graphs.manifest import is_artifact_dir
 from aotllm.runtime.engine import LLMEngine, PromptType
 from aotllm.runtime.engine_args import EngineArgs
 from aotllm.runtime.outputs import RequestOutput
@@ -25,7 +33,8 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs: Any):
-        self.engine_args = EngineArgs.from_kwargs(str(model), **kwargs)
+        args = EngineArgs.from_kwargs(str(model), **kwargs)
+        self.engine_args = resolve_model(args)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = itertools.count()
 
@@ -116,6 +125,24 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [finals[rid] for rid in ids]
+
+
+def resolve_model(args: EngineArgs) -> EngineArgs:
+    """Points `args.model` at an artifact, compiling a checkpoint unless eager."""
+    path = Path(args.model)
+    if args.enforce_eager or is_artifact_dir(path) or not (path / "config.json").is_file():
+        return args
+    from aotllm.compiler.cache import cached_artifact
+    from aotllm.compiler.config import CompileConfig
+
+    device = args.resolve_device()
+    cfg = CompileConfig(
+        model=str(path), output="", dtype=args.dtype, device=device.type,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size,
+    )
+    artifact = cached_artifact(cfg)
+    return dataclasses.replace(args, model=str(artifact), tokenizer=args.tokenizer, dtype="auto")
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

@@ -1,0 +1,63 @@
+"""The compile cache behind `LLM(model=HF_CHECKPOINT_DIR)`.
+
+An artifact is compiled once per (checkpoint content, compile options,
+aotllm/torch versions) into `$AOTLLM_CACHE_DIR` (default ~/.cache/aotllm) and
+reused on every later start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from aotllm.compiler.config import CompileConfig
+from aotllm.compiler.pipeline import compile_artifact, source_hash
+from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("AOTLLM_CACHE_DIR", Path.home() / ".cache" / "aotllm"))
+
+
+def checkpoint_hash(model_dir: Path) -> str:
+    """Hash of the checkpoint's content: every config, tokenizer and weight file."""
+    h = hashlib.sha256()
+    files = sorted({p for pat in _CHECKPOINT_PATTERNS for p in model_dir.glob(pat)})
+    for path in files:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_artifact(cfg: CompileConfig) -> Path:
+    """The artifact for `cfg` (its `output` is ignored), compiled if not cached yet."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "output")}
+    payload = json.dumps(
+        {"checkpoint": checkpoint_hash(Path(cfg.model)), "options": options,
+         "torch": torch.__version__, "source": source_hash()},
+        sort_keys=True, default=list,
+    )
+    key = hashlib.sha256(payload.encode()).hexdigest()[:24]
+    out = cache_root() / f"{Path(cfg.model).resolve().name}-{key}"
+    if is_artifact_dir(out):
+        try:
+            Manifest.read(out)
+            logger.info("Using cached artifact %s", out)
+            return out
+        except ArtifactError as e:
+            logger.warning("Recompiling the cached artifact in %s: %s", out, e)
+    logger.info("Compiling %s into the cache at %s (once; later starts reuse it)", cfg.model, out)
+    compile_artifact(dataclasses.replace(cfg, output=str(out)))
+    return out

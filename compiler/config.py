@@ -1,0 +1,28 @@
+"""CompileConfig: everything that decides what `aotllm compile` produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    model: str  # local Hugging Face checkpoint directory
+    output: str  # artifact directory
+    dtype: str = "auto"
+    backend: str = "inductor"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    max_num_seqs: int = 8
+    block_size: int = 16
+    prefill_buckets: tuple[int, ...] | None = None  # tokens
+    decode_batch_sizes: tuple[int, ...] | None = None  # sequences
+    context_buckets: tuple[int, ...] | None = None  # tokens, multiples of block_size
+    # Reuse graphs of an existing artifact in `output` whose inputs did not change.
+    reuse: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -1,0 +1,31 @@
+"""AOTInductor backend (CPU and CUDA): one .pt2 package per bucket, without weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aotllm.graphs.buckets import Bucket
+
+# Constants (weights) stay out of the package; the runtime binds the one
+# shared copy from weights.safetensors to every graph with user_managed=True.
+_INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+
+
+class InductorBackend:
+    name = "inductor"
+    file_suffix = ".pt2"
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+    def version(self) -> str:
+        return f"torch-{torch.__version__}"
+
+    def compile_bucket(
+        self, program: torch.export.ExportedProgram, bucket: Bucket, out_path: Path
+    ) -> None:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(out_path), inductor_configs=dict(_INDUCTOR_CONFIGS)
+        )

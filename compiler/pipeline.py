@@ -1,0 +1,200 @@
+"""`aotllm compile`: a Hugging Face checkpoint -> a self-contained artifact directory.
+
+    artifact/
+      manifest.json          format version, model config, dtype, backend, device,
+                             torch version, KV layout, bucket table (file + sha256)
+      weights.safetensors    the weights, once, under the graphs' constant names
+      graphs/<bucket>.pt2    one graph per bucket, no weights inside
+      tokenizer files, generation_config.json
+
+Recompiling into an existing artifact reuses every graph whose reuse key (a
+hash of the model config, dtype, bucket, KV layout, backend, device, torch
+version and the compiler's own source) did not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import aotllm
+from aotllm.compiler.backends import get_backend
+from aotllm.compiler.config import CompileConfig
+from aotllm.compiler.export import export_bucket
+from aotllm.graphs.buckets import Bucket, plan_buckets
+from aotllm.graphs.kv_cache import KVCacheSpec
+from aotllm.graphs.manifest import (
+    GRAPHS_DIR,
+    ArtifactError,
+    GraphEntry,
+    Manifest,
+    is_artifact_dir,
+    sha256_file,
+)
+from aotllm.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = Path(aotllm.__file__).resolve().parent
+# Source whose changes alter the graphs a compile produces.
+_GRAPH_SOURCES = ("models", "compiler", "graphs", "quantize")
+_TOKENIZER_SIDE_FILES = ("generation_config.json",)
+
+
+def source_hash() -> str:
+    h = hashlib.sha256(aotllm.__version__.encode())
+    for sub in _GRAPH_SOURCES:
+        for path in sorted((_PACKAGE_ROOT / sub).rglob("*.py")):
+            h.update(str(path.relative_to(_PACKAGE_ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def bucket_key(common: dict, bucket: Bucket) -> str:
+    payload = json.dumps({**common, "bucket": bucket.to_dict()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Saves each tensor once; returns {alias: canonical} for tied tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        ptr = t.data_ptr()
+        if ptr in seen:
+            aliases[name] = seen[ptr]
+            continue
+        seen[ptr] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return aliases
+
+
+def _copy_tokenizer(model_dir: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    for name in _TOKENIZER_SIDE_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+
+
+def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
+    """Graph entries of an existing artifact that can be kept, by reuse key."""
+    if not is_artifact_dir(out):
+        return {}
+    try:
+        old = Manifest.read(out)
+    except ArtifactError as e:
+        logger.warning("Not reusing the existing artifact in %s: %s", out, e)
+        return {}
+    keep = {}
+    for entry in old.graphs:
+        path = out / entry.file
+        if path.is_file() and sha256_file(path) == entry.sha256:
+            keep[entry.key] = entry
+    return keep
+
+
+def compile_artifact(cfg: CompileConfig) -> Manifest:
+    t_start = time.perf_counter()
+    model_dir = Path(cfg.model)
+    out = Path(cfg.output)
+    device = torch.device(cfg.device)
+    backend = get_backend(cfg.backend, cfg.device)
+
+    model = load_model(model_dir, cfg.dtype, device)
+    config = model.config
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    max_model_len = config.resolve_max_model_len(cfg.max_model_len)
+    plan = plan_buckets(
+        max_model_len, cfg.max_num_seqs, cfg.block_size,
+        prefill_buckets=cfg.prefill_buckets,
+        decode_batch_sizes=cfg.decode_batch_sizes,
+        context_buckets=cfg.context_buckets,
+    )
+    spec = KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim,
+                       cfg.block_size, dtype_name)
+    common = {
+        "model_config": config.hf_config,
+        "dtype": dtype_name,
+        "kv_cache": spec.to_dict(),
+        "backend": backend.name,
+        "backend_version": backend.version(),
+        "device": device.type,
+        "torch": torch.__version__,
+        "source": source_hash(),
+    }
+    reusable = _reusable(out, common) if cfg.reuse else {}
+    (out / GRAPHS_DIR).mkdir(parents=True, exist_ok=True)
+
+    logger.info("Writing weights and tokenizer to %s", out)
+    aliases = _write_weights(model, out / "weights.safetensors")
+    _copy_tokenizer(model_dir, out)
+
+    entries: list[GraphEntry] = []
+    compile_seconds: list[float] = []
+    bar = tqdm(plan.buckets, desc="Compiling buckets", unit="graph", dynamic_ncols=True)
+    for bucket in bar:
+        key = bucket_key(common, bucket)
+        bar.set_postfix_str(bucket.name)
+        if key in reusable:
+            entries.append(reusable[key])
+            continue
+        rel = f"{GRAPHS_DIR}/{bucket.name}{backend.file_suffix}"
+        t0 = time.perf_counter()
+        program = export_bucket(model, bucket, spec, device)
+        tmp = out / GRAPHS_DIR / f"{bucket.name}.tmp{backend.file_suffix}"
+        backend.compile_bucket(program, bucket, tmp)
+        os.replace(tmp, out / rel)
+        seconds = time.perf_counter() - t0
+        compile_seconds.append(seconds)
+        tqdm.write(f"compiled {bucket.name} in {seconds:.1f} s")
+        entries.append(GraphEntry(bucket, rel, sha256_file(out / rel), seconds, key))
+    bar.close()
+
+    wanted = {out / e.file for e in entries}
+    for stale in (out / GRAPHS_DIR).iterdir():
+        if stale not in wanted:
+            stale.unlink()
+
+    manifest = Manifest(
+        model_config=config.hf_config,
+        architecture=config.architecture,
+        dtype=dtype_name,
+        quantization=None,
+        backend=backend.name,
+        backend_version=backend.version(),
+        device=device.type,
+        torch_version=torch.__version__,
+        kv_cache=spec.to_dict(),
+        plan=plan.to_dict(),
+        graphs=tuple(entries),
+        weights_sha256=sha256_file(out / "weights.safetensors"),
+        extra={"weight_aliases": aliases, "max_model_len": max_model_len,
+               "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"]},
+    )
+    manifest.write(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    logger.info(
+        "Compiled %d bucket graphs (%d reused) in %.1f s total (%.1f s per compiled "
+        "bucket); artifact %s is %.1f MiB (weights %.1f MiB)",
+        len(entries), len(entries) - len(compile_seconds), time.perf_counter() - t_start,
+        sum(compile_seconds) / max(len(compile_seconds), 1), out, size / (1 << 20),
+        (out / "weights.safetensors").stat().st_size / (1 << 20),
+    )
+    return manifest
