@@ -31,8 +31,12 @@ class TorchOps:
     ) -> None:
         two, nb, bs, h, d = kv_cache.shape
         flat = kv_cache.view(two, nb * bs, h, d)
-        flat[0].index_copy_(0, slot_mapping, k.reshape(-1, h, d).to(kv_cache.dtype))
-        flat[1].index_copy_(0, slot_mapping, v.reshape(-1, h, d).to(kv_cache.dtype))
+        kv = torch.stack((k.reshape(-1, h, d), v.reshape(-1, h, d))).to(kv_cache.dtype)
+        # One index_put_ over both halves: Inductor re-inplaces it into a write
+        # of just these slots. index_copy_ (or two index_put_ on the halves)
+        # gets functionalised into a copy of the whole cache per layer.
+        which = torch.arange(two, device=kv_cache.device).view(two, 1)
+        flat.index_put_((which, slot_mapping.view(1, -1)), kv)
 
     @staticmethod
     def paged_attention(
@@ -49,22 +53,28 @@ class TorchOps:
         maxb = block_tables.shape[1]
         s = maxb * bs
         # Gather each row's blocks into a contiguous [B, S, Hkv, D] context.
-        k = kv_cache[0][block_tables].reshape(b, s, hkv, d).transpose(1, 2)
-        v = kv_cache[1][block_tables].reshape(b, s, hkv, d).transpose(1, 2)
+        k = kv_cache[0][block_tables].reshape(b, s, hkv, d).transpose(1, 2).to(q.dtype)
+        v = kv_cache[1][block_tables].reshape(b, s, hkv, d).transpose(1, 2).to(q.dtype)
         kpos = torch.arange(s, device=q.device)
         qpos = positions.unsqueeze(-1)  # [B, T, 1]
         mask = (kpos <= qpos) & (kpos < context_lens.view(b, 1, 1))
         if sliding_window is not None:
             mask = mask & (kpos > qpos - sliding_window)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.to(q.dtype),
-            v.to(q.dtype),
-            attn_mask=mask.unsqueeze(1),
-            scale=scale,
-            enable_gqa=hq != hkv,
-        )
-        return out.transpose(1, 2)
+        if t > 1:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=mask.unsqueeze(1), scale=scale,
+                enable_gqa=hq != hkv,
+            )
+            return out.transpose(1, 2)
+        # Decode (one query per row): plain batched matmuls over the grouped
+        # heads. The CPU flash-attention kernel costs ~1 ms per call here, far
+        # more than this tiny amount of math; Inductor fuses the softmax.
+        g = hq // hkv
+        qg = q.view(b, hkv, g, d)  # head h reads kv head h // g
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
+        scores = scores.masked_fill(~mask.view(b, 1, 1, s), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).view(b, 1, hq, d)
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -73,3 +73,44 @@ def tiny_models(tmp_path_factory) -> TinyModels:
 @pytest.fixture(scope="session")
 def llama_dir(tiny_models) -> Path:
     return tiny_models.get("llama-gqa")
+
+
+# One small bucket plan for every compiled-artifact test: two prefill sizes
+# (so long prompts chunk), two decode batch sizes x two context sizes (so
+# batches and contexts pad). Compiling takes ~7 s per graph on 2 cores.
+COMPILE_PLAN = dict(
+    max_model_len=128,
+    max_num_seqs=4,
+    block_size=16,
+    prefill_buckets=(16, 64),
+    decode_batch_sizes=(1, 4),
+    context_buckets=(64, 128),
+)
+
+
+class Artifacts:
+    """Compiled artifacts, built once per test session and shared."""
+
+    def __init__(self, root: Path, models: TinyModels):
+        self.root = root
+        self.models = models
+        self._built: dict[tuple, Path] = {}
+
+    def get(self, variant: str = "llama-gqa", dtype: str = "float32", **plan) -> Path:
+        from aotllm.compiler.config import CompileConfig
+        from aotllm.compiler.pipeline import compile_artifact
+
+        options = {**COMPILE_PLAN, **plan}
+        key = (variant, dtype, tuple(sorted(options.items())))
+        if key not in self._built:
+            out = self.root / f"a{len(self._built)}-{variant}-{dtype}"
+            compile_artifact(CompileConfig(
+                model=str(self.models.get(variant)), output=str(out), dtype=dtype, **options
+            ))
+            self._built[key] = out
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, tiny_models) -> Artifacts:
+    return Artifacts(tmp_path_factory.mktemp("artifacts"), tiny_models)
