@@ -1,11 +1,18 @@
-"""Decode throughput and time to first token: aotllm vs transformers `generate`.
+"""Decode throughput and time to first token: compiled aotllm vs eager aotllm
+vs transformers `generate`, one run, same checkpoint.
 
 Not a test: it prints figures. Default workload (the issues' reference):
 a ~125M Llama config (hidden 768, 12 layers, 12 heads, 4 KV heads,
 intermediate 2048, vocab 32000), bf16, prompt 128 tokens, 128 new tokens,
-batch 1 and 8, greedy.
+batch 1 and 8, greedy. It also reports compile seconds per bucket, artifact
+size, cold start (a new process from start to first token), this machine's
+memory read bandwidth and the model bandwidth utilisation (MBU) of decode,
+and where a compiled decode step's time goes (graph vs runtime overhead).
 
-    python scripts/bench.py [--modes eager,transformers] [--batch-sizes 1,8]
+Run it on an otherwise idle machine: with 2 OpenMP threads on 2 cores, any
+other busy process stalls every parallel region of the graph.
+
+    python scripts/bench.py [--modes compiled,eager,transformers] [--batch-sizes 1,8]
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +55,33 @@ class Result:
     ttft_s: float  # prefill of the whole batch until its first tokens
     decode_tok_s: float  # generated tokens per second after the first, whole batch
     total_s: float
+    mbu: float | None = None  # decode bytes read per second / measured bandwidth
+    graph_ms_per_step: float | None = None  # compiled decode: time inside the graph
+    step_ms: float | None = None  # compiled decode: whole engine step
+
+
+def memory_bandwidth_gb_s() -> float:
+    """Read bandwidth: summing a 512 MiB tensor (far beyond any cache)."""
+    x = torch.ones(128 << 20, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_bytes_per_step(path: Path, dtype_bytes: int, batch: int, context: int) -> int:
+    """Weights a decode step reads (the input embedding only by row) plus its KV."""
+    c = json.loads((path / "config.json").read_text())
+    h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    hd = c.get("head_dim") or h // heads
+    per_layer = h * (heads + 2 * kv_heads) * hd + heads * hd * h + 3 * h * i + 2 * h
+    weights = (layers * per_layer + h + v * h) * dtype_bytes
+    kv = 2 * layers * kv_heads * hd * context * batch * dtype_bytes
+    return weights + kv
 
 
 def _prompts(vocab: int, batch: int, prompt_len: int) -> list[list[int]]:
@@ -55,14 +90,46 @@ def _prompts(vocab: int, batch: int, prompt_len: int) -> list[list[int]]:
 
 
 def bench_engine(engine, mode: str, prompts, new_tokens: int) -> Result:
+    """Times the engine; for compiled engines also the time spent inside graphs."""
+    executor = engine.runner.executor
+    graph_time = [0.0, 0]
+    original = type(executor).__call__
+
+    def timed(self, phase, *args):
+        t = time.perf_counter()
+        out = original(self, phase, *args)
+        if phase == "decode":
+            graph_time[0] += time.perf_counter() - t
+            graph_time[1] += 1
+        return out
+
+    _warm_up(engine, prompts)
+    type(executor).__call__ = timed
+    try:
+        result = _bench_engine(engine, mode, prompts, new_tokens)
+    finally:
+        type(executor).__call__ = original
+    steps = new_tokens - 1
+    result.graph_ms_per_step = graph_time[0] / max(graph_time[1], 1) * 1e3
+    result.step_ms = (result.total_s - result.ttft_s) / steps * 1e3
+    return result
+
+
+def _warm_up(engine, prompts) -> None:
+    """Every bucket the run will use, once (first calls of a graph are slower)."""
+    from aotllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"warmup{i}", {"prompt_token_ids": p}, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def _bench_engine(engine, mode: str, prompts, new_tokens: int) -> Result:
     from aotllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    # Warm-up: one short request through prefill and decode.
-    engine.add_request("warmup", {"prompt_token_ids": prompts[0][:16]},
-                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
     t0 = time.perf_counter()
@@ -100,11 +167,43 @@ def bench_transformers(path: Path, dtype: torch.dtype, prompts, new_tokens: int)
     return Result("transformers", len(prompts), ttft, decode_tokens / (total - ttft), total)
 
 
+def compile_for_bench(path: Path, out: Path, max_len: int, max_batch: int, prompt_len: int):
+    """The artifact the compiled mode serves; per-bucket compile seconds come back."""
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+
+    cfg = CompileConfig(
+        model=str(path), output=str(out), dtype="auto", max_model_len=max_len,
+        max_num_seqs=max_batch, prefill_buckets=(16, 64, prompt_len),
+        context_buckets=(max_len,),
+    )
+    t = time.perf_counter()
+    manifest = compile_artifact(cfg)
+    return manifest, time.perf_counter() - t
+
+
+def cold_start(artifact: Path) -> tuple[float, float]:
+    """(python + torch import s, rest of a new process until its first token s)."""
+    code = (
+        "import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter()\n"
+        "from aotllm import LLM, SamplingParams\n"
+        f"llm = LLM({str(artifact)!r})\n"
+        "llm.generate({'prompt_token_ids': [5, 6, 7, 8]}, SamplingParams(max_tokens=1),"
+        " use_tqdm=False)\n"
+        "t2 = time.perf_counter(); print(t1 - t0, t2 - t1)"
+    )
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    total = time.perf_counter() - t
+    torch_s, rest = map(float, out.stdout.split()[-2:])
+    return total - rest, rest
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="125m")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--modes", default="eager,transformers")
+    ap.add_argument("--modes", default="compiled,eager,transformers")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -116,35 +215,68 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = args.modes.split(",")
     max_len = args.prompt_len + args.new_tokens
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"checkpoint {path}, {args.dtype}")
+    bandwidth = memory_bandwidth_gb_s()
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, checkpoint {path}, "
+          f"{args.dtype}; memory read bandwidth {bandwidth:.1f} GB/s", flush=True)
     results: list[Result] = []
+    extra: dict = {"bandwidth_gb_s": bandwidth}
     for mode in modes:
         if mode == "transformers":
+            vocab = json.loads((path / "config.json").read_text())["vocab_size"]
             for b in batches:
-                vocab = json.loads((path / "config.json").read_text())["vocab_size"]
                 results.append(bench_transformers(path, getattr(torch, args.dtype),
                                                   _prompts(vocab, b, args.prompt_len), args.new_tokens))
                 print(results[-1], flush=True)
             continue
-        if mode != "eager":
-            raise SystemExit(f"unknown mode {mode!r}")
         from aotllm import LLM
 
-        llm = LLM(str(path), dtype=args.dtype, enforce_eager=True, max_model_len=max_len,
-                  max_num_seqs=max(batches))
+        if mode == "compiled":
+            artifact = args.cache_dir / f"artifact-{path.name}-{max_len}-{max(batches)}"
+            manifest, seconds = compile_for_bench(path, artifact, max_len, max(batches),
+                                                  args.prompt_len)
+            extra["compile_s"] = {e.bucket.name: round(e.compile_seconds, 1) for e in manifest.graphs}
+            extra["compile_total_s"] = seconds
+            extra["artifact_mib"] = sum(
+                p.stat().st_size for p in artifact.rglob("*") if p.is_file()) / (1 << 20)
+            extra["graph_file_mib"] = {e.bucket.name: (artifact / e.file).stat().st_size / (1 << 20)
+                                       for e in manifest.graphs}
+            extra["cold_start_python_torch_s"], extra["cold_start_to_first_token_s"] = \
+                cold_start(artifact)
+            llm = LLM(str(artifact))
+        elif mode == "eager":
+            llm = LLM(str(path), dtype=args.dtype, enforce_eager=True, max_model_len=max_len,
+                      max_num_seqs=max(batches))
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
         for b in batches:
             prompts = _prompts(llm.llm_engine.vocab_size, b, args.prompt_len)
-            results.append(bench_engine(llm.llm_engine, mode, prompts, args.new_tokens))
-            print(results[-1], flush=True)
+            r = bench_engine(llm.llm_engine, mode, prompts, args.new_tokens)
+            # Average context over the decode steps.
+            per_step = decode_bytes_per_step(path, dtype_bytes, b, args.prompt_len + args.new_tokens // 2)
+            r.mbu = per_step * r.decode_tok_s / b / (bandwidth * 1e9)
+            results.append(r)
+            print(r, flush=True)
         del llm
 
     print()
-    print(f"{'mode':<14}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'total s':>9}")
+    print(f"{'mode':<14}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'MBU':>7}"
+          f"{'step ms':>9}{'graph ms':>10}")
     for r in results:
-        print(f"{r.mode:<14}{r.batch:>6}{r.ttft_s * 1e3:>10.1f}{r.decode_tok_s:>14.1f}{r.total_s:>9.2f}")
+        mbu = f"{r.mbu:.0%}" if r.mbu is not None else "-"
+        step = f"{r.step_ms:.2f}" if r.step_ms is not None else "-"
+        graph = f"{r.graph_ms_per_step:.2f}" if r.graph_ms_per_step is not None else "-"
+        print(f"{r.mode:<14}{r.batch:>6}{r.ttft_s * 1e3:>10.1f}{r.decode_tok_s:>14.1f}{mbu:>7}"
+              f"{step:>9}{graph:>10}")
+    if "compile_s" in extra:
+        print(f"\ncompile: {extra['compile_total_s']:.1f} s total; per bucket: "
+              + ", ".join(f"{k} {v} s" for k, v in extra["compile_s"].items()))
+        print(f"artifact: {extra['artifact_mib']:.1f} MiB; graph files: "
+              + ", ".join(f"{k} {v:.1f} MiB" for k, v in extra["graph_file_mib"].items()))
+        print(f"cold start: python + torch import {extra['cold_start_python_torch_s']:.2f} s, "
+              f"then {extra['cold_start_to_first_token_s']:.2f} s to the first token")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        args.json.write_text(json.dumps({"results": [asdict(r) for r in results], **extra}, indent=2))
 
 
 if __name__ == "__main__":

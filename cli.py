@@ -1,0 +1,222 @@
+"""The `aotllm` console script: `aotllm compile` and `aotllm generate`.
+
+Flag names follow vLLM's (`--max-model-len`, `--max-num-seqs`, ...). torch,
+the compiler and the runtime are imported inside the subcommands, so
+`aotllm --help` answers at once.
+
+Errors a user can fix (bad flag values, a missing model directory, an
+artifact that does not fit) end as one `error: ...` line on stderr and exit
+code 2; `--debug` or AOTLLM_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("aotllm.cli")
+
+EXIT_USAGE = 2
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LOG_FORMAT = "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
+_LOG_DATEFMT = "%m-%d %H:%M:%S"
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type for `16,64,256`: comma-separated positive integers."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers such as 16,64,256, got {text!r}"
+        ) from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every entry must be a positive integer, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's unset flag must not overwrite `aotllm --debug ...`.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks (also: AOTLLM_DEBUG=1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aotllm",
+        description="Ahead-of-time compiled LLM inference with a vLLM-compatible API.",
+    )
+    _add_debug(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a Hugging Face checkpoint into an artifact",
+                       description="Compile a local Hugging Face checkpoint into an artifact "
+                                   "directory of shape-bucketed static graphs.")
+    c.add_argument("model", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
+    c.add_argument("--output", "-o", required=True, metavar="DIR", help="artifact directory")
+    c.add_argument("--dtype", choices=DTYPES, default="auto")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="device the graphs are compiled for (auto: cuda if available)")
+    c.add_argument("--backend", default="inductor")
+    c.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="default: the checkpoint's max_position_embeddings")
+    c.add_argument("--max-num-seqs", type=_positive_int, default=8, metavar="N",
+                   help="largest decode batch (default 8)")
+    c.add_argument("--block-size", type=_positive_int, default=16, metavar="N")
+    c.add_argument("--prefill-buckets", type=int_list, metavar="N,N,...",
+                   help="prefill chunk lengths in tokens, e.g. 16,64,256")
+    c.add_argument("--decode-batch-sizes", type=int_list, metavar="N,N,...",
+                   help="decode batch sizes, e.g. 1,2,4,8 (the largest must be --max-num-seqs)")
+    c.add_argument("--context-buckets", type=int_list, metavar="N,N,...",
+                   help="decode context lengths in tokens (multiples of --block-size)")
+    c.add_argument("--no-reuse", action="store_true",
+                   help="recompile every graph even if OUTPUT has a matching one")
+    _add_debug(c)
+    c.set_defaults(func=cmd_compile)
+
+    g = sub.add_parser("generate", help="generate completions for prompts",
+                       description="Generate with an artifact directory or a Hugging Face "
+                                   "checkpoint directory (compiled into the cache unless "
+                                   "--enforce-eager).")
+    g.add_argument("model", metavar="MODEL", help="artifact or checkpoint directory")
+    g.add_argument("--prompt", "-p", action="append", required=True, metavar="TEXT",
+                   help="a prompt; repeat for a batch")
+    g.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--enforce-eager", action="store_true", help="run the torch model eagerly")
+    g.add_argument("--dtype", choices=DTYPES, default="auto")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
+    _add_debug(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a Hugging Face checkpoint directory (no config.json); "
+            "pass a local checkpoint directory"
+        )
+    import torch
+
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but this torch build sees no CUDA GPU")
+    cfg = CompileConfig(
+        model=str(model_dir), output=args.output, dtype=args.dtype, backend=args.backend,
+        device=device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size, prefill_buckets=args.prefill_buckets,
+        decode_batch_sizes=args.decode_batch_sizes, context_buckets=args.context_buckets,
+        reuse=not args.no_reuse,
+    )
+    t0 = time.perf_counter()
+    manifest = compile_artifact(cfg)
+    print(f"Compiled {len(manifest.graphs)} bucket graphs ({manifest.dtype}, {manifest.backend}, "
+          f"{manifest.device}) into {args.output} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from aotllm import LLM, SamplingParams
+
+    # Checked before loading the model, so a bad flag fails at once.
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k)
+    kwargs: dict = {"dtype": args.dtype, "device": args.device,
+                    "enforce_eager": args.enforce_eager}
+    for name in ("seed", "max_model_len", "max_num_seqs"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, **kwargs)
+    load_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if args.chat:
+        conversations = [[{"role": "user", "content": p}] for p in args.prompt]
+        outputs = llm.chat(conversations, params)
+    else:
+        outputs = llm.generate(args.prompt, params)
+    gen_s = time.perf_counter() - t0
+
+    n_tokens = 0
+    for out in outputs:
+        completion = out.outputs[0]
+        n_tokens += len(completion.token_ids)
+        print(f"Prompt: {out.prompt!r}")
+        print(f"Generated: {completion.text!r}")
+        print()
+    plural = "" if len(outputs) == 1 else "s"
+    print(f"Generated {n_tokens} tokens for {len(outputs)} prompt{plural} in {gen_s:.2f} s "
+          f"({n_tokens / max(gen_s, 1e-9):.1f} tokens/s); model loaded in {load_s:.2f} s")
+    return 0
+
+
+def setup_logging() -> None:
+    """vLLM-style INFO lines on stderr for aotllm's own loggers."""
+    root = logging.getLogger("aotllm")
+    # Replace (not add) our handler: main() may run many times in one process,
+    # and each run should write to the sys.stderr of that moment.
+    for h in [h for h in root.handlers if getattr(h, "_aotllm_cli", False)]:
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, _LOG_DATEFMT))
+    handler._aotllm_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own usage error (exit 2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    setup_logging()
+    debug = getattr(args, "debug", False) or os.environ.get("AOTLLM_DEBUG", "") not in ("", "0")
+
+    from aotllm.graphs.manifest import ArtifactError  # stdlib only: cheap
+
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, ArtifactError) as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
