@@ -158,7 +158,10 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         rel = f"{GRAPHS_DIR}/{bucket.name}{backend.file_suffix}"
         t0 = time.perf_counter()
         program = export_bucket(model, bucket, spec, device)
-        tmp = out / GRAPHS_DIR / f"{bucket.name}.tmp{backend.file_suffix}"
+        # Compiled under its final name in a scratch folder (a package records
+        # its file name inside), then moved into place whole.
+        tmp = out / GRAPHS_DIR / ".partial" / f"{bucket.name}{backend.file_suffix}"
+        tmp.parent.mkdir(exist_ok=True)
         backend.compile_bucket(program, bucket, tmp)
         os.replace(tmp, out / rel)
         seconds = time.perf_counter() - t0
@@ -167,6 +170,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         entries.append(GraphEntry(bucket, rel, sha256_file(out / rel), seconds, key))
     bar.close()
 
+    shutil.rmtree(out / GRAPHS_DIR / ".partial", ignore_errors=True)
     wanted = {out / e.file for e in entries}
     for stale in (out / GRAPHS_DIR).iterdir():
         if stale not in wanted:

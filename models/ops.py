@@ -71,6 +71,11 @@ class TorchOps:
         # more than this tiny amount of math; Inductor fuses the softmax.
         g = hq // hkv
         qg = q.view(b, hkv, g, d)  # head h reads kv head h // g
+        # Contiguous [B, Hkv, S, D]: the gather then copies whole head_dim rows
+        # and the matmul reads K through a transposed view instead of Inductor
+        # materialising K^T element by element.
+        k = k.contiguous()
+        v = v.contiguous()
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
         scores = scores.masked_fill(~mask.view(b, 1, 1, s), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)

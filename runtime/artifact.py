@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 from aotllm.graphs.buckets import Bucket, BucketPlan
@@ -46,6 +46,21 @@ def _load_inductor_graph(path: Path, device: torch.device, constants: dict) -> G
     return loader.run
 
 
+def _read_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each weight in a fresh allocation of its own.
+
+    safetensors hands out views into the memory-mapped file at offsets that
+    are not even 64-byte aligned; oneDNN's bf16 matmuls read such weights ~15%
+    slower. Copying tensor by tensor keeps the process at one copy.
+    """
+    weights = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in f.keys():
+            src = f.get_tensor(name)
+            weights[name] = torch.empty(src.shape, dtype=src.dtype, device=device).copy_(src)
+    return weights
+
+
 @dataclass
 class LoadedArtifact:
     path: Path
@@ -69,7 +84,7 @@ def load_artifact(path: str | Path, device: torch.device) -> LoadedArtifact:
     )
     verify_files(manifest, path, check_hashes=True)
     try:
-        weights = load_file(str(path / manifest.weights_file), device=str(device))
+        weights = _read_weights(path / manifest.weights_file, device)
     except Exception as e:  # safetensors raises its own error types
         raise ArtifactError(
             f"cannot read {manifest.weights_file} in {path}: {e}. Recompile the artifact."

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.graphs.manifest import Manifest, is_artifact_dir
+from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
 from aotllm.runtime.engine import LLMEngine
 from aotllm.runtime.engine_args import EngineArgs
@@ -24,6 +24,9 @@ from aotllm.runtime.scheduler import Scheduler
 from aotllm.runtime.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+# vLLM's dtype spellings that name the same torch dtype.
+DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 
 
 def build_engine(args: EngineArgs) -> LLMEngine:
@@ -64,8 +67,17 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     from aotllm.runtime.artifact import CompiledExecutor, load_artifact
 
     manifest = Manifest.read(args.model)
-    device = torch.device(manifest.device) if args.device == "auto" else args.resolve_device()
-    if args.dtype not in ("auto", manifest.dtype):
+    if args.device != "auto":
+        device = args.resolve_device()
+    elif manifest.device == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(
+            "this artifact was compiled for 'cuda' but this host has no CUDA GPU: serve it "
+            "on a CUDA host, or recompile it with `aotllm compile ... --device cpu`"
+        )
+    else:
+        device = torch.device(manifest.device)
+    dtype_name = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    if dtype_name not in ("auto", manifest.dtype):
         raise ValueError(
             f"the artifact was compiled for dtype {manifest.dtype}; pass dtype='auto' or "
             f"'{manifest.dtype}', or recompile with --dtype {args.dtype}"

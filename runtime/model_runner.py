@@ -180,8 +180,11 @@ class ModelRunner:
                     generator=self._generator_for(req.request_id, req.sampling_params.seed),
                 )
             )
-        index = torch.tensor(rows, device=logits.device)
-        out = self.sampler(logits.index_select(0, index), sampling_rows, self.generator)
+        if len(rows) == rows[-1] + 1:  # rows 0..n-1: a view, no gather
+            sample_logits = logits[: len(rows)]
+        else:
+            sample_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        out = self.sampler(sample_logits, sampling_rows, self.generator)
         return {
             seqs[i].request_id: SampledToken(tok, lp)
             for i, tok, lp in zip(rows, out.token_ids, out.logprobs)

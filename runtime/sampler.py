@@ -65,6 +65,9 @@ class Sampler:
                 raise ValueError(f"row {i} has seed={row.params.seed} but no generator")
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
+        if all(self._is_plain_greedy(r) for r in rows):
+            # The common decode case: nothing to edit, so no copy of the logits.
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
         # Our own float32 copy: everything below edits it in place.
         logits = logits.to(torch.float32, copy=True)
@@ -88,6 +91,18 @@ class Sampler:
 
         logprobs = _gather_logprobs(raw_logprobs, rows, tokens)
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+
+    @staticmethod
+    def _is_plain_greedy(row: SamplingRow) -> bool:
+        p = row.params
+        return (
+            (p.is_greedy or p.top_k == 1)
+            and p.logprobs is None
+            and p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0
+            and len(row.output_token_ids) >= p.min_tokens
+        )
 
     def _mask_eos_before_min_tokens(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow]
