@@ -82,15 +82,15 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def _target(model: CausalLM, name: str) -> tuple[torch.Tensor, int | None]:
+def _target(model: CausalLM, name: str) -> tuple[str, int | None]:
     """The parameter a checkpoint tensor goes into, and its fused slice index."""
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part in _FUSED:
             fused, shard = _FUSED[part]
             parts[i] = fused
-            return model.get_parameter(".".join(parts)), shard
-    return model.get_parameter(name), None
+            return ".".join(parts), shard
+    return name, None
 
 
 def _fused_slice(model: CausalLM, param: torch.Tensor, shard: int) -> torch.Tensor:
@@ -104,13 +104,28 @@ def _fused_slice(model: CausalLM, param: torch.Tensor, shard: int) -> torch.Tens
     return param.narrow(0, start, sizes[shard])
 
 
+def _slices_needed(param_name: str) -> set[int | None]:
+    for fused, n in (("qkv_proj", 3), ("gate_up_proj", 2)):
+        if f".{fused}." in param_name:
+            return set(range(n))
+    return {None}
+
+
+def _checkpoint_name(param_name: str, shard: int | None) -> str:
+    """The checkpoint's name for a parameter (or one slice of a fused one)."""
+    for piece, (fused, index) in _FUSED.items():
+        if shard == index and f".{fused}." in param_name:
+            return param_name.replace(fused, piece)
+    return param_name
+
+
 def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     files = checkpoint_files(model_dir)
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     if model.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    # Fused parameters are complete once every slice is written.
-    written: set[str] = set()
+    # Which slices of each parameter were written (None: the whole of it).
+    written: dict[str, set[int | None]] = {}
     for path in tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard",
                      disable=len(files) < 2):
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -119,13 +134,13 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
                     continue
                 if name == "lm_head.weight" and model.config.tie_word_embeddings:
                     continue
-                try:
-                    param, shard = _target(model, name)
-                except AttributeError:
+                param_name, shard = _target(model, name)
+                if param_name not in expected:
                     raise ValueError(
                         f"checkpoint tensor {name!r} in {path.name} does not belong to a "
                         f"{model.config.architecture}; is config.json from the same checkpoint?"
-                    ) from None
+                    )
+                param = model.get_parameter(param_name)
                 dst = param if shard is None else _fused_slice(model, param, shard)
                 src = f.get_tensor(name)
                 if tuple(src.shape) != tuple(dst.shape):
@@ -135,33 +150,18 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
                     )
                 with torch.no_grad():
                     dst.copy_(src)
-                written.add(name)
-    missing = _missing(expected, written)
+                written.setdefault(param_name, set()).add(shard)
+    missing = sorted(
+        _checkpoint_name(n, shard)
+        for n in expected
+        for shard in _slices_needed(n) - written.get(n, set())
+    )
     if missing:
-        shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(
-            f"checkpoint in {model_dir} is missing {len(missing)} weight tensor(s): {shown}. "
-            "Copy the complete checkpoint (all shards)."
+            f"checkpoint in {model_dir} is missing {len(missing)} weight tensor(s): "
+            f"{shown}. Copy the complete checkpoint (all shards)."
         )
-
-
-def _missing(expected: set[str], written: set[str]) -> set[str]:
-    """Model parameters that no checkpoint tensor (or fused slice) filled."""
-    covered: set[str] = set()
-    for name in written:
-        parts = name.split(".")
-        covered.add(".".join(_FUSED.get(p, (p,))[0] for p in parts))
-    missing = expected - covered
-    # A fused parameter is covered only if all its slices were written.
-    for fused, n in (("qkv_proj", 3), ("gate_up_proj", 2)):
-        for name in list(expected):
-            if f".{fused}." not in name:
-                continue
-            pieces = [p for p, (f, _) in _FUSED.items() if f == fused]
-            have = sum(name.replace(fused, p) in written for p in pieces)
-            if have != n:
-                missing.add(name)
-    return missing
 
 
 def load_model(

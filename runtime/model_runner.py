@@ -107,6 +107,8 @@ class ModelRunner:
         else:
             self.generator.seed()
         self._request_generators: dict[str, torch.Generator] = {}
+        # Device copy of the step inputs, reused across steps (non-CPU devices).
+        self._input_buffer: torch.Tensor | None = None
 
     def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -118,33 +120,41 @@ class ModelRunner:
         return gen
 
     def _build_inputs(self, seqs: list[ScheduledSeq], shape: StepShape) -> list[torch.Tensor]:
-        """Pads the step to `shape`: padding rows and tokens write to the null block."""
+        """Pads the step to `shape`: padding rows and tokens write to the null block.
+
+        All six inputs are laid out in one flat int64 list, turned into one
+        host tensor and copied once into a persistent device buffer (grown to
+        the largest step seen); each graph input is a contiguous view of it.
+        """
         bs = self.kv_spec.block_size
         b, t, maxb = shape.batch, shape.tokens, shape.context_blocks
-        input_ids = [[0] * t for _ in range(b)]
-        positions = [[0] * t for _ in range(b)]
-        slots = [[NULL_BLOCK * bs] * t for _ in range(b)]
-        tables = [[NULL_BLOCK] * maxb for _ in range(b)]
-        context_lens = [1] * b
-        query_lens = [1] * b
+        n = b * t
+        # ids | positions | slots | block tables | context lens | query lens
+        sizes = (n, n, n, b * maxb, b, b)
+        flat = [0] * (3 * n) + [NULL_BLOCK] * (b * maxb) + [1] * (2 * b)
+        pos_at, slot_at, table_at, ctx_at, q_at = n, 2 * n, 3 * n, 3 * n + b * maxb, 3 * n + b * maxb + b
         for i, seq in enumerate(seqs):
-            n = len(seq.token_ids)
-            input_ids[i][:n] = seq.token_ids
-            pos = range(seq.start_pos, seq.start_pos + n)
-            positions[i][:n] = pos
-            slots[i][:n] = [seq.block_ids[p // bs] * bs + p % bs for p in pos]
-            tables[i][: len(seq.block_ids)] = seq.block_ids
-            context_lens[i] = seq.start_pos + n
-            query_lens[i] = n
-        dev = self.device
-        return [
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            torch.tensor(slots, dtype=torch.int64, device=dev).view(-1),
-            torch.tensor(tables, dtype=torch.int64, device=dev),
-            torch.tensor(context_lens, dtype=torch.int64, device=dev),
-            torch.tensor(query_lens, dtype=torch.int64, device=dev),
-        ]
+            k = len(seq.token_ids)
+            row = i * t
+            flat[row : row + k] = seq.token_ids
+            pos = range(seq.start_pos, seq.start_pos + k)
+            flat[pos_at + row : pos_at + row + k] = pos
+            flat[slot_at + row : slot_at + row + k] = [
+                seq.block_ids[p // bs] * bs + p % bs for p in pos
+            ]
+            flat[table_at + i * maxb : table_at + i * maxb + len(seq.block_ids)] = seq.block_ids
+            flat[ctx_at + i] = seq.start_pos + k
+            flat[q_at + i] = k
+        host = torch.tensor(flat, dtype=torch.int64)
+        if self.device.type == "cpu":
+            buf = host
+        else:
+            if self._input_buffer is None or self._input_buffer.numel() < host.numel():
+                self._input_buffer = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
+            buf = self._input_buffer[: host.numel()]
+            buf.copy_(host)
+        ids, positions, slots, tables, ctx, qlens = buf.split(sizes)
+        return [ids.view(b, t), positions.view(b, t), slots, tables.view(b, maxb), ctx, qlens]
 
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         # A preempted request keeps its generator: its recompute must not
