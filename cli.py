@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from aotllm.logger import LOG_DATEFMT, LOG_FORMAT
+
 logger = logging.getLogger("aotllm.cli")
 
 EXIT_USAGE = 2
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-_LOG_FORMAT = "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
-_LOG_DATEFMT = "%m-%d %H:%M:%S"
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -188,7 +188,7 @@ def setup_logging() -> None:
     for h in [h for h in root.handlers if getattr(h, "_aotllm_cli", False)]:
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT, _LOG_DATEFMT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
     handler._aotllm_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.INFO)

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from aotllm.graphs.manifest import is_artifact_dir
+from aotllm.logger import configure_logging
 from aotllm.runtime.engine import LLMEngine, PromptType
 from aotllm.runtime.engine_args import EngineArgs
 from aotllm.runtime.outputs import RequestOutput
@@ -33,6 +34,7 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs: Any):
+        configure_logging()
         args = EngineArgs.from_kwargs(str(model), **kwargs)
         self.engine_args = resolve_model(args)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
