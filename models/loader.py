@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from aotllm.models.config import ModelConfig
@@ -128,7 +128,14 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     written: dict[str, set[int | None]] = {}
     for path in tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard",
                      disable=len(files) < 2):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(path), framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({e}); it may be truncated "
+                "or corrupt: copy it again"
+            ) from e
+        with f:
             for name in f.keys():
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue

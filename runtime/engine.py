@@ -214,7 +214,11 @@ class LLMEngine:
         outs = [
             CompletionOutput(
                 index=i,
-                text=s.detokenizer.output_text,
+                # Holds back text that may still become a stop string or an
+                # unfinished character; everything final once finished.
+                text=s.detokenizer.get_next_output_text(
+                    delta=False, finished=s.request.status.finished
+                ),
                 token_ids=list(s.request.output_token_ids),
                 cumulative_logprob=s.cumulative_logprob,
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
