@@ -17,11 +17,13 @@ from aotllm.models.decoder import CausalLM
 
 
 def _example_num_blocks(bucket: Bucket, spec: KVCacheSpec) -> int:
-    """An example cache size that equals no other dimension: export would
-    otherwise unify two equal sizes and specialise the dynamic one."""
+    """A small example cache size that equals no other dimension: export would
+    otherwise unify two equal sizes and specialise the dynamic one. Small,
+    because the example caches are real tensors (a long-context bucket's
+    B * MAXB blocks would take gigabytes)."""
     taken = {bucket.batch, bucket.tokens, bucket.context_blocks, bucket.batch * bucket.tokens,
              spec.block_size, spec.num_kv_heads, spec.head_dim, 2}
-    n = bucket.batch * bucket.context_blocks + 3
+    n = 3
     while n in taken:
         n += 1
     return n

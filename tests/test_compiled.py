@@ -214,3 +214,14 @@ def test_bf16_artifact_agrees_with_bf16_eager_within_top5(artifacts, checkpoint)
             assert tc in _top5(e.logprobs[step]), f"prompt {n}: step {step}"
             assert te in _top5(c.logprobs[step]), f"prompt {n}: step {step}"
             break  # the two continuations differ from here on
+
+
+@pytest.mark.parametrize("num_blocks", [9, 33, 500])
+def test_one_artifact_serves_any_kv_cache_size(fp32_artifact, eager, num_blocks):
+    """num_blocks is chosen at load time; no graph fixes it. 9 blocks (8 usable,
+    one max_model_len sequence) forces preemption for 4 concurrent requests."""
+    llm = LLM(str(fp32_artifact), num_gpu_blocks_override=num_blocks)
+    runner = llm.llm_engine.runner
+    assert all(kv.shape[1] == num_blocks for kv in runner.kv_caches)
+    prompts = _prompts(eager.llm_engine.vocab_size, [20, 35, 9, 50], seed=11)
+    assert _greedy(llm, prompts, 24) == _greedy(eager, prompts, 24)
