@@ -95,7 +95,8 @@ def test_other_torch_version_says_which_to_install(artifact):
 def test_local_torch_suffix_does_not_matter(artifact):
     release = torch.__version__.split("+")[0]
     _edit_manifest(artifact, lambda d: d.update(torch_version=release + "+cu999"))
-    load_artifact(artifact, CPU)
+    loaded = load_artifact(artifact, CPU)
+    assert set(loaded.graphs) == set(loaded.plan.buckets)
 
 
 def test_other_device_is_refused_before_loading(artifact):
@@ -129,7 +130,8 @@ def test_dtype_other_than_the_artifacts_is_a_value_error(shared):
 
 def test_dtype_alias_of_the_artifacts_dtype_is_accepted(shared):
     # vLLM's "float" is float32 (the eager path accepts it too).
-    LLM(str(shared), dtype="float")
+    llm = LLM(str(shared), dtype="float")
+    assert all(kv.dtype == torch.float32 for kv in llm.llm_engine.runner.kv_caches)
 
 
 def test_block_size_other_than_the_artifacts_is_a_value_error(shared):

@@ -186,7 +186,7 @@ def test_read_rejects_path_traversal(artifact: tuple[Path, Manifest]) -> None:
 
 def test_verify_ok(artifact: tuple[Path, Manifest]) -> None:
     directory, manifest = artifact
-    verify_files(manifest, directory)  # does not raise
+    assert verify_files(manifest, directory) is None  # raises on any problem
 
 
 def test_verify_missing_graph_file(artifact: tuple[Path, Manifest]) -> None:

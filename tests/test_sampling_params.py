@@ -86,8 +86,13 @@ def test_wrong_type_raises_type_error_naming_field(kwargs, field):
 
 
 def test_boundaries_accepted():
-    SamplingParams(presence_penalty=-2, frequency_penalty=2, top_p=1.0, min_p=1.0, top_k=1,
-                   min_tokens=4, max_tokens=4, logprobs=0, temperature=0.0)
+    p = SamplingParams(presence_penalty=-2, frequency_penalty=2, top_p=1.0, min_p=1.0, top_k=1,
+                       min_tokens=4, max_tokens=4, logprobs=0, temperature=1e-3)
+    assert (p.presence_penalty, p.frequency_penalty, p.top_k, p.logprobs) == (-2, 2, 1, 0)
+    assert not p.is_greedy
+    # As in vLLM, greedy sampling resets the filters it ignores.
+    greedy = SamplingParams(temperature=0.0, top_k=1, top_p=0.5, min_p=0.5)
+    assert greedy.is_greedy and (greedy.top_k, greedy.top_p, greedy.min_p) == (0, 1.0, 0.0)
 
 
 def test_frozen_and_clone():
