@@ -70,6 +70,19 @@ def tiny_models(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the tiny eager models gain nothing
+    from more, and on a shared 2-core machine spin-waiting threads made such
+    modules several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tiny_models) -> Path:
     return tiny_models.get("llama-gqa")

@@ -26,13 +26,8 @@ def _engine(path, **overrides) -> LLM:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a shared
-    # 2-core machine their spin-waits made this file several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
