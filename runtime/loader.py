@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,10 +43,9 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
 
 def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_budget,
-                   weights_bytes, hf_config, tokenizer_dir, kv_dtype) -> LLMEngine:
+                   weights_bytes, hf_config, tokenizer_dir, kv_dtype, tokenizer) -> LLMEngine:
     """The parts shared by the eager and the compiled engine."""
     device = executor.device
-    tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir)
     sched_config = SchedulerConfig(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
@@ -88,7 +88,12 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
             f"the artifact was compiled with block_size {spec.block_size}; recompile with "
             f"--block-size {args.block_size} to change it"
         )
-    artifact = load_artifact(args.model, device)
+    # The tokenizer (mostly importing transformers) loads while the weights
+    # are hashed and copied, which release the GIL.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tokenizer_future = pool.submit(load_tokenizer, args.tokenizer or args.model)
+        artifact = load_artifact(args.model, device)
+        tokenizer = tokenizer_future.result()
     plan = artifact.plan
     max_model_len = plan.max_model_len
     if args.max_model_len is not None:
@@ -107,7 +112,7 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     dtype = getattr(torch, manifest.dtype)
     return _finish_engine(args, CompiledExecutor(artifact, device), spec, max_model_len,
                           max_num_seqs, budget, artifact.weights_bytes, manifest.model_config,
-                          args.model, dtype)
+                          args.model, dtype, tokenizer)
 
 
 def _build_eager_engine(args: EngineArgs) -> LLMEngine:
@@ -133,4 +138,4 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
     return _finish_engine(args, EagerExecutor(model, device), kv_spec,
                           config.resolve_max_model_len(args.max_model_len), args.max_num_seqs,
                           args.max_num_batched_tokens, weights_bytes, config.hf_config,
-                          args.model, model.dtype)
+                          args.model, model.dtype, load_tokenizer(args.tokenizer or args.model))
