@@ -144,7 +144,7 @@ def resolve_model(args: EngineArgs) -> EngineArgs:
         block_size=args.block_size,
     )
     artifact = cached_artifact(cfg)
-    return dataclasses.replace(args, model=str(artifact), tokenizer=args.tokenizer, dtype="auto")
+    return dataclasses.replace(args, model=str(artifact), dtype="auto")
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

@@ -21,7 +21,6 @@ it, the runtime allocates it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 NULL_BLOCK = 0
@@ -45,9 +44,6 @@ class KVCacheSpec:
         """Bytes one block takes across all layers (keys and values)."""
         per_layer = 2 * self.block_size * self.num_kv_heads * self.head_dim
         return per_layer * self.num_layers * _DTYPE_BYTES[self.dtype]
-
-    def blocks_for_tokens(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.block_size)
 
     def to_dict(self) -> dict:
         return {

@@ -177,13 +177,6 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.sampling_type is SamplingType.GREEDY
 
-    @property
-    def output_text_buffer_length(self) -> int:
-        """Characters the detokenizer holds back so a stop string is never streamed."""
-        if self.stop and not self.include_stop_str_in_output:
-            return max(len(s) for s in self.stop) - 1
-        return 0
-
     def clone(self, **changes: Any) -> SamplingParams:
         """A deep copy (the list fields are not shared), with `changes` applied."""
         return dataclasses.replace(copy.deepcopy(self), **changes)

@@ -134,13 +134,11 @@ def _bench_engine(engine, mode: str, prompts, new_tokens: int) -> Result:
         engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
     t0 = time.perf_counter()
     t_first = None
-    generated = 0
+    started: set[str] = set()  # requests that have their first token
     while engine.has_unfinished_requests():
-        outs = engine.step()
-        if outs and t_first is None and all(len(o.outputs[0].token_ids) for o in outs) \
-                and len(outs) == len(prompts):
+        started.update(o.request_id for o in engine.step())
+        if t_first is None and len(started) == len(prompts):
             t_first = time.perf_counter()
-        generated = sum(len(o.outputs[0].token_ids) for o in outs) or generated
     total = time.perf_counter() - t0
     decode_tokens = len(prompts) * (new_tokens - 1)
     return Result(mode, len(prompts), t_first - t0, decode_tokens / (total - (t_first - t0)), total)

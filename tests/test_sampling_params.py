@@ -107,11 +107,6 @@ def test_frozen_and_clone():
         p.clone(top_p=2.0)
 
 
-def test_output_text_buffer_length():
-    assert SamplingParams(stop=["ab", "abcd"]).output_text_buffer_length == 3
-    assert SamplingParams(stop=["abcd"], include_stop_str_in_output=True).output_text_buffer_length == 0
-
-
 def test_output_reprs_and_finished():
     lp = {5: Logprob(-0.25, rank=1, decoded_token="a")}
     c = CompletionOutput(0, "hi", [5], -0.25, [lp], finish_reason="stop", stop_reason=5)
