@@ -103,6 +103,14 @@ class DecoderLayer(nn.Module):
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def norm_linear_groups(self) -> list[tuple[RMSNorm, list[Linear]]]:
+        """Each norm with the linears that are the only readers of its output:
+        a per-channel scale can move from one to the other (SmoothQuant)."""
+        return [
+            (self.input_layernorm, [self.self_attn.qkv_proj]),
+            (self.post_attention_layernorm, [self.mlp.gate_up_proj]),
+        ]
+
 
 class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, ops, dtype: torch.dtype):

@@ -1,10 +1,10 @@
 """The ops layer: the primitives whose implementation differs per backend.
 
-Models call these through an `Ops` object chosen when the model is built (that
-is, at trace time); model code never branches on the backend. `TorchOps` is
-the plain-torch implementation used by the eager path, Inductor/AOTInductor
-and ONNX export. An Ascend implementation provides the same methods with
-torch_npu ops (see DESIGN.md's table).
+Models call these through an object satisfying the `Ops` protocol, chosen when
+the model is built (that is, at trace time); model code never branches on the
+backend. `TorchOps` is the plain-torch implementation used by the eager path,
+Inductor/AOTInductor and ONNX export. An Ascend implementation provides the
+same methods with torch_npu ops (see the README's table).
 
 Shapes (B rows, T tokens per row, KV layout from graphs.kv_cache):
   q            [B, T, num_heads, head_dim]
@@ -14,15 +14,65 @@ Shapes (B rows, T tokens per row, KV layout from graphs.kv_cache):
   block_tables [B, MAXB]
   positions    [B, T]  absolute position of each token
   context_lens [B]     tokens in the cache for the row once this step's are written
+
+Quantized linears (quantize/ swaps them in; the tensors' layout is theirs):
+  x            [..., in] in the model dtype
+  qweight      [out, in] int8
+  scale        [out] float32 per output channel, or [out, in // group] (w8a16 grouped)
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
+from aotllm.models import int8_kernels
+
+
+class Ops(Protocol):
+    """What a backend provides; models are written against this and nothing else."""
+
+    name: str
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None: ...
+
+    def paged_attention(self, q: torch.Tensor, kv_cache: torch.Tensor,
+                        block_tables: torch.Tensor, positions: torch.Tensor,
+                        context_lens: torch.Tensor, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor: ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def linear_w8a16(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x @ (qweight * scale)^T + bias, activations in the model dtype."""
+        ...
+
+    def linear_w8a8_dynamic(self, x: torch.Tensor, qweight: torch.Tensor,
+                            scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Per-token symmetric int8 activations, int8 x int8 -> int32 matmul, rescale."""
+        ...
+
+    def linear_w8a8_static(self, x: torch.Tensor, qweight: torch.Tensor,
+                           input_scale: torch.Tensor, input_offset: torch.Tensor,
+                           quant_bias: torch.Tensor, deq_scale: torch.Tensor) -> torch.Tensor:
+        """msModelSlim's static W8A8: x_q = clamp(round(x / input_scale + input_offset)),
+        y = (x_q @ qweight^T + quant_bias) * deq_scale."""
+        ...
+
 
 class TorchOps:
+    """Plain torch; the int8 kernels come from `int8_kernels` (checked on CPU)."""
+
     name = "torch"
 
     @staticmethod
@@ -102,10 +152,22 @@ class TorchOps:
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
+    @staticmethod
+    def linear_w8a16(x, qweight, scale, bias):
+        return int8_kernels.linear_w8a16(x, qweight, scale, bias)
+
+    @staticmethod
+    def linear_w8a8_dynamic(x, qweight, scale, bias):
+        return int8_kernels.linear_w8a8_dynamic(x, qweight, scale, bias)
+
+    @staticmethod
+    def linear_w8a8_static(x, qweight, input_scale, input_offset, quant_bias, deq_scale):
+        return int8_kernels.linear_w8a8_static(
+            x, qweight, input_scale, input_offset, quant_bias, deq_scale
+        )
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-
-Ops = TorchOps

@@ -1,0 +1,106 @@
+"""INT8 linear kernels: the one home of the private torch ops they use.
+
+`torch._weight_int8pack_mm(x[M,K], w[N,K] int8, scales[N])` and
+`torch._int_mm(a[M,K] int8, b[K,N] int8) -> int32` were checked against torch
+2.13.0 (CPU build): both export through `torch.export` and run inside
+AOTInductor graphs as extern kernels. Which kernel a linear uses is decided
+from static facts (rows M, dtype, device), so every bucket graph bakes in the
+choice for its own shapes; `w8a16_kernel` / `w8a8_kernel` say which, and the
+compiler records it per bucket in the manifest.
+
+Measured on the 2-core development machine (Xeon with AVX-512 BF16 and AMX,
+weights [4096, 768], AOTInductor graphs, microseconds):
+
+    M     bf16 F.linear  int8pack (w8a16)  dequant+matmul  int_mm+dyn quant (w8a8)
+    1          385            157              715              250
+    8          340            512              716              273
+    128        669           6686             1149              904
+
+So w8a16 uses `_weight_int8pack_mm` for decode-sized M and dequantize-then-
+matmul (bf16 GEMM over int8 weights cast in the graph) for prefill; w8a8
+always uses `_int_mm`. `../shared/CPU-KERNELS.md` has the AVX2-only picture:
+the same crossover, so one rule serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Above this many rows `_weight_int8pack_mm` loses to dequantize-then-matmul
+# (measured crossover between M=8 and M=32 on AVX-512 and AVX2 machines).
+INT8PACK_MAX_ROWS = 16
+_INT8_MIN, _INT8_MAX = -128, 127
+
+
+def w8a16_kernel(rows: int, dtype: torch.dtype, device: torch.device, grouped: bool) -> str:
+    """The kernel a w8a16 linear of `rows` rows uses; recorded in the manifest."""
+    if (device.type == "cpu" and not grouped and dtype == torch.bfloat16
+            and rows <= INT8PACK_MAX_ROWS):
+        # fp32 activations make this kernel 10-30x slower (CPU-KERNELS.md).
+        return "weight_int8pack_mm"
+    return "dequant_matmul"
+
+
+def w8a8_kernel(device: torch.device) -> str:
+    # torch's CUDA _int_mm needs M > 16 and multiples of 8: a bucket of one
+    # decode row fails there, so CUDA takes the float route (same arithmetic
+    # on integer-valued operands).
+    return "int_mm" if device.type == "cpu" else "dequant_matmul"
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    grouped = scale.dim() == 2
+    kernel = w8a16_kernel(_rows(x), x.dtype, x.device, grouped)
+    if kernel == "weight_int8pack_mm":
+        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), qweight, scale.to(x.dtype))
+        out = out.view(*x.shape[:-1], qweight.shape[0])
+    elif grouped:
+        n, k = qweight.shape
+        w = qweight.view(n, scale.shape[1], -1).to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)
+        out = F.linear(x, w.view(n, k))
+    else:
+        # Scale the [M, N] output rather than the [N, K] weight: less work at
+        # small M, and exact either way for per-output-channel scales.
+        out = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of a 2-D float tensor: (q int8 [M,K], scale f32 [M,1])."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+    q = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _int8_matmul(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """a[M,K] int8 @ qweight[N,K]^T as exact int32 (CPU) or its float value."""
+    if w8a8_kernel(a.device) == "int_mm":
+        return torch._int_mm(a, qweight.t())
+    return F.linear(a.float(), qweight.float())
+
+
+def linear_w8a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    xq, xs = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    out = _int8_matmul(xq, qweight).float() * xs * scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+
+
+def linear_w8a8_static(x: torch.Tensor, qweight: torch.Tensor, input_scale: torch.Tensor,
+                       input_offset: torch.Tensor, quant_bias: torch.Tensor,
+                       deq_scale: torch.Tensor) -> torch.Tensor:
+    xf = x.reshape(-1, x.shape[-1]).float()
+    xq = torch.round(xf / input_scale.float() + input_offset.float())
+    xq = xq.clamp(_INT8_MIN, _INT8_MAX).to(torch.int8)
+    acc = _int8_matmul(xq, qweight)
+    out = (acc + quant_bias).float() * deq_scale.float()
+    return out.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,105 @@
+"""The one place a float model becomes a quantized one: a module swap.
+
+`quantize_model` replaces each float `Linear` (except the excluded ones) by the
+scheme's quantized module, after SmoothQuant folding for the w8a8 schemes.
+Model files never know about schemes; they only build `Linear`s.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+
+import torch
+from torch import nn
+
+from aotllm.models.layers import Linear
+from aotllm.quantize.calibrate import (
+    calibration_tokens, collect_input_absmax, read_calibration_text,
+)
+from aotllm.quantize.config import QuantConfig
+from aotllm.quantize.linear import W8A8DynamicLinear, W8A8StaticLinear, W8A16Linear
+from aotllm.quantize.primitives import smoothquant_scales
+
+logger = logging.getLogger(__name__)
+
+# Kept in the model dtype unless asked otherwise: the LM head decides every
+# sampled token and is the most sensitive linear.
+LM_HEAD = "lm_head"
+
+
+def target_linears(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        if name == LM_HEAD and not cfg.quantize_lm_head:
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in cfg.exclude):
+            continue
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, stats: dict[str, torch.Tensor], alpha: float) -> int:
+    """Fold SmoothQuant scales into each norm and its linears; updates `stats`
+    to the smoothed activations. Returns the number of norms folded."""
+    modules = {id(m): n for n, m in model.named_modules()}
+    folded = 0
+    for layer in model.model.layers:
+        for norm, linears in layer.norm_linear_groups():
+            names = [modules[id(lin)] for lin in linears]
+            if not all(n in stats for n in names):
+                continue  # a linear of the group stays float: leave the group alone
+            act = stats[names[0]]
+            w_max = torch.stack([lin.weight.float().abs().amax(0) for lin in linears]).amax(0)
+            s = smoothquant_scales(act, w_max, alpha)
+            norm.weight.copy_((norm.weight.float() / s).to(norm.weight.dtype))
+            for lin, name in zip(linears, names):
+                lin.weight.copy_((lin.weight.float() * s).to(lin.weight.dtype))
+                stats[name] = stats[name] / s
+            folded += 1
+    return folded
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None) -> dict:
+    """Quantizes `model` in place; returns the manifest's quantization record."""
+    t0 = time.perf_counter()
+    names = target_linears(model, cfg)
+    modules = dict(model.named_modules())
+    record: dict = {"scheme": cfg.scheme, "group_size": cfg.group_size,
+                    "config": cfg.to_dict(), "smoothquant": None, "calibration": None}
+    stats: dict[str, torch.Tensor] = {}
+    if cfg.needs_calibration:
+        if tokenizer is None:
+            raise ValueError(f"{cfg.scheme} needs calibration text, and so a tokenizer")
+        data = read_calibration_text(cfg.calibration_data)
+        ids = calibration_tokens(tokenizer, data, cfg.calibration_tokens, model.config.vocab_size)
+        stats = collect_input_absmax(model, ids, names)
+        folded = smooth(model, stats, cfg.smoothquant_alpha)
+        record["calibration"] = {"source": data.source, "sha256": data.sha256,
+                                 "num_tokens": len(ids)}
+        record["smoothquant"] = {"alpha": cfg.smoothquant_alpha, "norms_folded": folded}
+    for name in names:
+        lin = modules[name]
+        if cfg.scheme == "w8a16":
+            new = W8A16Linear.from_float(lin, cfg.group_size)
+        elif cfg.scheme == "w8a8":
+            new = W8A8DynamicLinear.from_float(lin)
+        else:
+            new = W8A8StaticLinear.from_float(lin, float(stats[name].max()))
+        _swap(model, name, new.to(lin.weight.device))
+    kept = sorted(n for n, m in model.named_modules() if isinstance(m, Linear))
+    record["quantized_linears"] = len(names)
+    record["float_modules"] = kept + ["model.embed_tokens"]
+    logger.info("Quantized %d linears to %s in %.1f s (kept in %s: %s)", len(names), cfg.scheme,
+                time.perf_counter() - t0, str(model.dtype).removeprefix("torch."),
+                ", ".join(record["float_modules"]) or "nothing")
+    return record
