@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode context lengths in tokens (multiples of --block-size)")
     c.add_argument("--no-reuse", action="store_true",
                    help="recompile every graph even if OUTPUT has a matching one")
+    q = c.add_argument_group("quantization")
+    q.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
+                   help="w8a16 (int8 weights), w8a8 (int8 weights and per-token int8 "
+                        "activations, SmoothQuant) or w8a8_static; default: none")
+    q.add_argument("--group-size", type=_positive_int, default=None, metavar="N",
+                   help="w8a16: input channels per weight scale (default: one per channel)")
+    q.add_argument("--smoothquant-alpha", type=float, default=0.5, metavar="A",
+                   help="w8a8: migration strength in [0, 1] (default 0.5)")
+    q.add_argument("--calibration-data", default=None, metavar="FILE",
+                   help="w8a8: text file for activation statistics (default: built-in set)")
+    q.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the LM head too (kept in --dtype by default)")
+    q.add_argument("--exclude-modules", type=lambda s: tuple(s.split(",")), default=(),
+                   metavar="PAT,PAT", help="linears to keep in --dtype (fnmatch patterns "
+                                           "of module names, e.g. 'model.layers.0.*')")
     _add_debug(c)
     c.set_defaults(func=cmd_compile)
 
@@ -107,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
     g.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
+    g.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
+                   help="for a checkpoint: w8a16, w8a8 or w8a8_static (see `compile`)")
     _add_debug(g)
     g.set_defaults(func=cmd_generate)
     return parser
@@ -123,6 +140,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
+    from aotllm.quantize.config import QuantConfig, resolve_scheme
 
     device = args.device
     if device == "auto":
@@ -134,13 +152,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
         device=device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size, prefill_buckets=args.prefill_buckets,
         decode_batch_sizes=args.decode_batch_sizes, context_buckets=args.context_buckets,
-        reuse=not args.no_reuse,
+        reuse=not args.no_reuse, quantization=_quant_config(args, QuantConfig, resolve_scheme),
     )
     t0 = time.perf_counter()
     manifest = compile_artifact(cfg)
     print(f"Compiled {len(manifest.graphs)} bucket graphs ({manifest.dtype}, {manifest.backend}, "
           f"{manifest.device}) into {args.output} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _quant_config(args: argparse.Namespace, QuantConfig, resolve_scheme):
+    scheme = resolve_scheme(args.quantization)
+    if scheme is None:
+        if args.group_size or args.calibration_data or args.quantize_lm_head or args.exclude_modules:
+            raise ValueError("quantization options were given without --quantization")
+        return None
+    return QuantConfig(scheme, group_size=args.group_size, exclude=args.exclude_modules,
+                       quantize_lm_head=args.quantize_lm_head,
+                       smoothquant_alpha=args.smoothquant_alpha,
+                       calibration_data=args.calibration_data)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -151,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, top_k=args.top_k)
     kwargs: dict = {"dtype": args.dtype, "device": args.device,
                     "enforce_eager": args.enforce_eager}
-    for name in ("seed", "max_model_len", "max_num_seqs"):
+    for name in ("seed", "max_model_len", "max_num_seqs", "quantization"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
 

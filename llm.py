@@ -137,11 +137,14 @@ def resolve_model(args: EngineArgs) -> EngineArgs:
     from aotllm.compiler.cache import cached_artifact
     from aotllm.compiler.config import CompileConfig
 
+    from aotllm.quantize.config import QuantConfig
+
     device = args.resolve_device()
+    quant = QuantConfig(args.quantization) if args.quantization else None
     cfg = CompileConfig(
         model=str(path), output="", dtype=args.dtype, device=device.type,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        block_size=args.block_size,
+        block_size=args.block_size, quantization=quant,
     )
     artifact = cached_artifact(cfg)
     return dataclasses.replace(args, model=str(artifact), dtype="auto")

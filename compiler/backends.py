@@ -18,6 +18,8 @@ from aotllm.graphs.buckets import Bucket
 class GraphBackend(Protocol):
     name: str
     file_suffix: str
+    # Quantization schemes whose linears this backend has kernels for.
+    quantization_schemes: frozenset[str]
 
     def version(self) -> str:
         """Recorded in the manifest and in every bucket's reuse key."""
@@ -32,6 +34,15 @@ class GraphBackend(Protocol):
         artifact and bound to every graph at load time.
         """
         ...
+
+
+def check_quantization(backend: GraphBackend, scheme: str | None) -> None:
+    if scheme is not None and scheme not in backend.quantization_schemes:
+        have = ", ".join(sorted(backend.quantization_schemes)) or "none"
+        raise ValueError(
+            f"the {backend.name} backend has no kernel for {scheme} linears (it has: {have}); "
+            "choose one of those schemes or another --backend"
+        )
 
 
 def get_backend(name: str, device: str) -> GraphBackend:

@@ -19,6 +19,7 @@ import torch
 from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.pipeline import compile_artifact, source_hash
 from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
+from aotllm.quantize.calibrate import read_calibration_text
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def checkpoint_hash(model_dir: Path) -> str:
 def cached_artifact(cfg: CompileConfig) -> Path:
     """The artifact for `cfg` (its `output` is ignored), compiled if not cached yet."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "output")}
+    if cfg.quantization is not None and cfg.quantization.calibration_data is not None:
+        # The file's content, not its path, decides the calibrated scales.
+        options["calibration_sha256"] = read_calibration_text(cfg.quantization.calibration_data).sha256
     payload = json.dumps(
         {"checkpoint": checkpoint_hash(Path(cfg.model)), "options": options,
          "torch": torch.__version__, "source": source_hash()},

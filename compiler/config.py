@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aotllm.quantize.config import QuantConfig
+
 
 @dataclass(frozen=True)
 class CompileConfig:
@@ -20,6 +22,8 @@ class CompileConfig:
     context_buckets: tuple[int, ...] | None = None  # tokens, multiples of block_size
     # Reuse graphs of an existing artifact in `output` whose inputs did not change.
     reuse: bool = True
+    # Offline quantization (quantize/): None keeps every weight in `dtype`.
+    quantization: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:

@@ -16,6 +16,8 @@ _INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 class InductorBackend:
     name = "inductor"
     file_suffix = ".pt2"
+    # models/int8_kernels.py: int8 extern kernels on CPU, the float route on CUDA.
+    quantization_schemes = frozenset({"w8a16", "w8a8", "w8a8_static"})
 
     def __init__(self, device: str):
         self.device = torch.device(device)

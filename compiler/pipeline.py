@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import aotllm
-from aotllm.compiler.backends import get_backend
+from aotllm.compiler.backends import GraphBackend, check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.export import export_bucket
 from aotllm.graphs.buckets import Bucket, plan_buckets
@@ -40,7 +40,9 @@ from aotllm.graphs.manifest import (
     is_artifact_dir,
     sha256_file,
 )
+from aotllm.models.int8_kernels import w8a8_kernel, w8a16_kernel
 from aotllm.models.loader import load_model
+from aotllm.quantize.apply import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,28 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> None:
             shutil.copy2(model_dir / name, out / name)
 
 
+def _quantize(model: torch.nn.Module, cfg: CompileConfig, backend: GraphBackend) -> dict | None:
+    """Quantizes the loaded model in place; the manifest's quantization record."""
+    if cfg.quantization is None:
+        return None
+    check_quantization(backend, cfg.quantization.scheme)
+    tokenizer = None
+    if cfg.quantization.needs_calibration:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
+    return quantize_model(model, cfg.quantization, tokenizer)
+
+
+def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: torch.device
+             ) -> dict[str, str]:
+    """Which int8 kernel each bucket's linears use (decided by rows, dtype, device)."""
+    if quant["scheme"] != "w8a16":
+        return {b.name: w8a8_kernel(device) for b in buckets}
+    grouped = quant["group_size"] is not None
+    return {b.name: w8a16_kernel(b.batch * b.tokens, dtype, device, grouped) for b in buckets}
+
+
 def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
     """Graph entries of an existing artifact that can be kept, by reuse key."""
     if not is_artifact_dir(out):
@@ -118,6 +142,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     backend = get_backend(cfg.backend, cfg.device)
 
     model = load_model(model_dir, cfg.dtype, device)
+    quant = _quantize(model, cfg, backend)
     config = model.config
     dtype_name = str(model.dtype).removeprefix("torch.")
     max_model_len = config.resolve_max_model_len(cfg.max_model_len)
@@ -129,6 +154,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     )
     spec = KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim,
                        cfg.block_size, dtype_name)
+    if quant is not None:
+        quant["kernels"] = _kernels(quant, plan.buckets, model.dtype, device)
     common = {
         "model_config": config.hf_config,
         "dtype": dtype_name,
@@ -138,6 +165,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         "device": device.type,
         "torch": torch.__version__,
         "source": source_hash(),
+        "quantization": quant,
     }
     reusable = _reusable(out, common) if cfg.reuse else {}
     (out / GRAPHS_DIR).mkdir(parents=True, exist_ok=True)
@@ -180,7 +208,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         model_config=config.hf_config,
         architecture=config.architecture,
         dtype=dtype_name,
-        quantization=None,
+        quantization=quant,
         backend=backend.name,
         backend_version=backend.version(),
         device=device.type,

@@ -99,7 +99,9 @@ class Manifest:
     model_config: dict  # the checkpoint's config.json content
     architecture: str  # e.g. "LlamaForCausalLM"
     dtype: str  # torch dtype name without "torch."
-    quantization: str | None
+    # None, or quantize/'s record: scheme, group size, float modules,
+    # calibration summary, the int8 kernel per bucket.
+    quantization: dict | None
     backend: str
     backend_version: str
     device: str  # what it was compiled for, e.g. "cpu", "cuda", "npu"
@@ -165,7 +167,7 @@ class Manifest:
             model_config=dict(d["model_config"]),
             architecture=str(d["architecture"]),
             dtype=str(d["dtype"]),
-            quantization=None if d["quantization"] is None else str(d["quantization"]),
+            quantization=None if d["quantization"] is None else dict(d["quantization"]),
             backend=str(d["backend"]),
             backend_version=str(d["backend_version"]),
             device=str(d["device"]),
@@ -296,7 +298,8 @@ def _device_type(device: str) -> str:
 
 
 def check_runtime_compat(
-    manifest: Manifest, *, torch_version: str, backends: Collection[str], device: str
+    manifest: Manifest, *, torch_version: str, backends: Collection[str], device: str,
+    quantization_schemes: Collection[str] = (),
 ) -> None:
     """Raise ArtifactError unless this host can run the artifact's graphs.
 
@@ -324,6 +327,13 @@ def check_runtime_compat(
             f"it was compiled for device {manifest.device!r} but this runs on {device!r}: "
             f"{_RECOMPILE} for {_device_type(device)!r}, or serve it on a "
             f"{_device_type(manifest.device)!r} host"
+        )
+    scheme = (manifest.quantization or {}).get("scheme")
+    if scheme is not None and scheme not in quantization_schemes:
+        known = ", ".join(sorted(quantization_schemes)) or "none"
+        problems.append(
+            f"its linears are quantized as {scheme!r}, which this aotllm has no kernels for "
+            f"(it runs: {known}); upgrade aotllm or {_RECOMPILE} with one of those schemes"
         )
     if problems:
         raise ArtifactError("this artifact cannot run here: " + "; ".join(problems))

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from aotllm.graphs.buckets import Bucket, BucketPlan
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import ArtifactError, Manifest, check_runtime_compat, verify_files
+from aotllm.quantize.config import SCHEMES
 from aotllm.runtime.model_runner import StepShape
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def load_artifact(path: str | Path, device: torch.device) -> LoadedArtifact:
     path = Path(path)
     manifest = Manifest.read(path)
     check_runtime_compat(
-        manifest, torch_version=torch.__version__, backends=RUNTIME_BACKENDS, device=str(device)
+        manifest, torch_version=torch.__version__, backends=RUNTIME_BACKENDS, device=str(device),
+        quantization_schemes=SCHEMES,
     )
     verify_files(manifest, path, check_hashes=True)
     try:

@@ -26,8 +26,14 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
     disable_log_stats: bool = True
+    # vLLM's `quantization`: a scheme of quantize/config.py (w8a16, w8a8,
+    # w8a8_static) applied when a checkpoint is compiled or run eagerly.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        from aotllm.quantize.config import resolve_scheme
+
+        object.__setattr__(self, "quantization", resolve_scheme(self.quantization))
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1"

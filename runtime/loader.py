@@ -82,6 +82,12 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
             f"the artifact was compiled for dtype {manifest.dtype}; pass dtype='auto' or "
             f"'{manifest.dtype}', or recompile with --dtype {args.dtype}"
         )
+    built = (manifest.quantization or {}).get("scheme")
+    if args.quantization not in (None, built):
+        raise ValueError(
+            f"the artifact was compiled with quantization={built}; pass quantization=None "
+            f"or {built!r}, or recompile it with --quantization {args.quantization}"
+        )
     spec = manifest.kv_cache_spec()
     if args.block_size not in (spec.block_size, EngineArgs.block_size):
         raise ValueError(
@@ -120,13 +126,20 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
 
     device = args.resolve_device()
     t0 = time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load_model(args.model, args.dtype, device)
+    if args.quantization is not None:
+        from aotllm.quantize.apply import quantize_model
+        from aotllm.quantize.config import QuantConfig
+
+        quantize_model(model, QuantConfig(args.quantization), tokenizer)
     config = model.config
-    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensors = [*model.parameters(), *model.buffers()]
+    weights_bytes = sum(t.numel() * t.element_size() for t in tensors)
     logger.info(
-        "Loaded %s (%.1fM parameters, %s) in %.2f s",
-        config.architecture, sum(p.numel() for p in model.parameters()) / 1e6,
-        str(model.dtype).removeprefix("torch."), time.perf_counter() - t0,
+        "Loaded %s (%.1fM parameters, %s%s) in %.2f s",
+        config.architecture, config.num_params / 1e6, str(model.dtype).removeprefix("torch."),
+        f", {args.quantization}" if args.quantization else "", time.perf_counter() - t0,
     )
     kv_spec = KVCacheSpec(
         num_layers=config.num_layers,
@@ -138,4 +151,4 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
     return _finish_engine(args, EagerExecutor(model, device), kv_spec,
                           config.resolve_max_model_len(args.max_model_len), args.max_num_seqs,
                           args.max_num_batched_tokens, weights_bytes, config.hf_config,
-                          args.model, model.dtype, load_tokenizer(args.tokenizer or args.model))
+                          args.model, model.dtype, tokenizer)

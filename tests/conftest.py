@@ -109,16 +109,20 @@ class Artifacts:
         self.models = models
         self._built: dict[tuple, Path] = {}
 
-    def get(self, variant: str = "llama-gqa", dtype: str = "float32", **plan) -> Path:
+    def get(self, variant: str = "llama-gqa", dtype: str = "float32",
+            quantization: str | None = None, **plan) -> Path:
         from aotllm.compiler.config import CompileConfig
         from aotllm.compiler.pipeline import compile_artifact
+        from aotllm.quantize.config import QuantConfig
 
         options = {**COMPILE_PLAN, **plan}
-        key = (variant, dtype, tuple(sorted(options.items())))
+        key = (variant, dtype, quantization, tuple(sorted(options.items())))
         if key not in self._built:
-            out = self.root / f"a{len(self._built)}-{variant}-{dtype}"
+            out = self.root / f"a{len(self._built)}-{variant}-{dtype}-{quantization}"
+            quant = QuantConfig(quantization) if quantization else None
             compile_artifact(CompileConfig(
-                model=str(self.models.get(variant)), output=str(out), dtype=dtype, **options
+                model=str(self.models.get(variant)), output=str(out), dtype=dtype,
+                quantization=quant, **options
             ))
             self._built[key] = out
         return self._built[key]
