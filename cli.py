@@ -1,4 +1,4 @@
-"""The `aotllm` console script: `aotllm compile` and `aotllm generate`.
+"""The `aotllm` console script: `aotllm compile`, `aotllm generate`, `aotllm eval-ppl`.
 
 Flag names follow vLLM's (`--max-model-len`, `--max-num-seqs`, ...). torch,
 the compiler and the runtime are imported inside the subcommands, so
@@ -12,6 +12,7 @@ code 2; `--debug` or AOTLLM_DEBUG=1 shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -117,16 +118,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--enforce-eager", action="store_true", help="run the torch model eagerly")
-    g.add_argument("--dtype", choices=DTYPES, default="auto")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
-    g.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
-    g.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
-                   help="for a checkpoint: w8a16, w8a8 or w8a8_static (see `compile`)")
+    _add_engine_options(g)
     _add_debug(g)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval-ppl", help="perplexity of a text file",
+                       description="Perplexity of a text file through the same runtime and "
+                                   "compiled buckets that generate uses (teacher forcing, one "
+                                   "token per decode step, several windows per batch).")
+    e.add_argument("model", metavar="MODEL", help="artifact or checkpoint directory")
+    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file to score")
+    e.add_argument("--window", type=_positive_int, default=None, metavar="N",
+                   help="most tokens per window (default: max_model_len, at most 1024)")
+    e.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
+    _add_engine_options(e)
+    _add_debug(e)
+    e.set_defaults(func=cmd_eval_ppl)
     return parser
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The `LLM(...)` options every subcommand that loads a model takes;
+    `_llm_kwargs` passes them on."""
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run the torch model eagerly")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
+                        help="for a checkpoint: w8a16, w8a8 or w8a8_static (see `compile`)")
+
+
+def _llm_kwargs(args: argparse.Namespace) -> dict:
+    """`LLM(...)` keyword arguments from the parsed flags; unset optional ones are
+    left out so `LLM`'s own defaults apply."""
+    kwargs: dict = {"dtype": args.dtype, "device": args.device,
+                    "enforce_eager": args.enforce_eager}
+    for name in ("seed", "max_model_len", "max_num_seqs", "quantization"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -179,14 +211,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Checked before loading the model, so a bad flag fails at once.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k)
-    kwargs: dict = {"dtype": args.dtype, "device": args.device,
-                    "enforce_eager": args.enforce_eager}
-    for name in ("seed", "max_model_len", "max_num_seqs", "quantization"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-
     t0 = time.perf_counter()
-    llm = LLM(args.model, **kwargs)
+    llm = LLM(args.model, **_llm_kwargs(args))
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -207,6 +233,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     plural = "" if len(outputs) == 1 else "s"
     print(f"Generated {n_tokens} tokens for {len(outputs)} prompt{plural} in {gen_s:.2f} s "
           f"({n_tokens / max(gen_s, 1e-9):.1f} tokens/s); model loaded in {load_s:.2f} s")
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    # Checked before loading the model, so a bad file fails at once.
+    data = Path(args.data)
+    if not data.is_file():
+        raise FileNotFoundError(f"data file {data} does not exist (or is not a file)")
+    try:
+        text = data.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {data} is not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise ValueError(f"data file {data} is empty: there is no text to score")
+
+    from aotllm import LLM
+    from aotllm.runtime.scoring import evaluate_perplexity
+
+    llm = LLM(args.model, **_llm_kwargs(args))
+    t0 = time.perf_counter()
+    result = evaluate_perplexity(llm, text, window=args.window)
+    seconds = time.perf_counter() - t0
+    rate = result.num_tokens / max(seconds, 1e-9)
+    print(f"perplexity {result.perplexity:.3f} over {result.num_tokens} tokens "
+          f"({result.num_windows} window{'' if result.num_windows == 1 else 's'} of "
+          f"<={result.window}) in {seconds:.1f} s "
+          f"({rate:.0f} tokens/s)")
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "data": str(data), "perplexity": result.perplexity,
+            "nll": result.nll, "num_tokens": result.num_tokens,
+            "num_windows": result.num_windows, "window": result.window,
+            "seconds": seconds, "tokens_per_s": rate,
+        }))
     return 0
 
 

@@ -167,7 +167,12 @@ class ModelRunner:
             sampled.update(self._run(sched.phase, sched.seqs[start : start + limit]))
         return sampled
 
-    def _run(self, phase: str, seqs: list[ScheduledSeq]) -> dict[str, SampledToken]:
+    def run_logits(self, phase: str, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """Runs one step without sampling: `[len(seqs), vocab]` float32 logits of
+        each row's last token (padding rows dropped). The rows' blocks must
+        already be allocated; at most `executor.max_batch(phase)` rows."""
+        limit = self.executor.max_batch(phase)
+        assert seqs and (limit is None or len(seqs) <= limit), (len(seqs), limit)
         exact = StepShape(
             batch=len(seqs),
             tokens=max(len(s.token_ids) for s in seqs),
@@ -176,6 +181,10 @@ class ModelRunner:
         shape = self.executor.padded_shape(phase, exact)
         inputs = self._build_inputs(seqs, shape)
         logits = self.executor(phase, shape, *inputs, self.kv_caches)
+        return logits[: len(seqs)]
+
+    def _run(self, phase: str, seqs: list[ScheduledSeq]) -> dict[str, SampledToken]:
+        logits = self.run_logits(phase, seqs)
         rows = [i for i, s in enumerate(seqs) if s.sample]
         if not rows:
             return {}
