@@ -31,6 +31,10 @@ class _QuantLinear(nn.Module):
 
 
 class W8A16Linear(_QuantLinear):
+    """`weight_scale` is kept in the activations' dtype (as msModelSlim stores it):
+    Inductor lowers `_weight_int8pack_mm` only when its scales are a stored
+    tensor, not a cast computed in the graph (checked with torch 2.13.0)."""
+
     scheme = "w8a16"
 
     def __init__(self, in_features, out_features, ops, bias=None, group_size: int | None = None):
@@ -41,7 +45,8 @@ class W8A16Linear(_QuantLinear):
     @classmethod
     def from_float(cls, linear: Linear, group_size: int | None = None) -> "W8A16Linear":
         m = cls(linear.in_features, linear.out_features, linear.ops, linear.bias, group_size)
-        m.weight, m.weight_scale = quantize_weight(linear.weight, group_size)
+        m.weight, scale = quantize_weight(linear.weight, group_size)
+        m.weight_scale = scale.to(linear.weight.dtype)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -261,6 +261,7 @@ def _quant_linear(tensors: _Tensors, qtype: str, name: str, linear: Linear,
             raise ValueError(f"{prefixes[0]}.weight_scale has {groups} groups, which do not divide {in_f}")
         if qtype == "W8A16":
             m = W8A16Linear(in_f, out_f, linear.ops, bias, None if groups == 1 else in_f // groups)
+            scale = scale.to(linear.weight.dtype)  # see W8A16Linear
         else:
             m = W8A8DynamicLinear(in_f, out_f, linear.ops, bias)
         m.weight_scale = scale

@@ -85,7 +85,7 @@ def test_bf16_w8a16_artifact_uses_both_kernels_and_agrees_with_eager(artifacts, 
 def test_w8a16_weights_file_at_most_055_of_bf16(tiny_models, tmp_path):
     # A model whose linears dominate its size (small vocabulary).
     ckpt = tiny_models.get("llama", hidden_size=256, intermediate_size=1024,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
     sizes = {}
     for scheme in (None, "w8a16"):
         model = load_model(ckpt, "bfloat16")
