@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 import aotllm
 from aotllm.compiler.backends import GraphBackend, check_quantization, get_backend
@@ -41,8 +42,7 @@ from aotllm.graphs.manifest import (
     sha256_file,
 )
 from aotllm.models.int8_kernels import w8a8_kernel, w8a16_kernel
-from aotllm.models.loader import load_model
-from aotllm.quantize.apply import quantize_model
+from aotllm.quantize.load import load_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -87,25 +87,10 @@ def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
 
 
 def _copy_tokenizer(model_dir: Path, out: Path) -> None:
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
     for name in _TOKENIZER_SIDE_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
-
-
-def _quantize(model: torch.nn.Module, cfg: CompileConfig, backend: GraphBackend) -> dict | None:
-    """Quantizes the loaded model in place; the manifest's quantization record."""
-    if cfg.quantization is None:
-        return None
-    check_quantization(backend, cfg.quantization.scheme)
-    tokenizer = None
-    if cfg.quantization.needs_calibration:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-    return quantize_model(model, cfg.quantization, tokenizer)
 
 
 def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: torch.device
@@ -141,8 +126,12 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     device = torch.device(cfg.device)
     backend = get_backend(cfg.backend, cfg.device)
 
-    model = load_model(model_dir, cfg.dtype, device)
-    quant = _quantize(model, cfg, backend)
+    if cfg.quantization is not None:
+        check_quantization(backend, cfg.quantization.scheme)
+    model, quant = load_quantized(model_dir, cfg.dtype, device, cfg.quantization,
+                                  lambda: AutoTokenizer.from_pretrained(str(model_dir)))
+    if quant is not None:
+        check_quantization(backend, quant["scheme"])
     config = model.config
     dtype_name = str(model.dtype).removeprefix("torch.")
     max_model_len = config.resolve_max_model_len(cfg.max_model_len)

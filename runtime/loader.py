@@ -122,24 +122,21 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
 
 
 def _build_eager_engine(args: EngineArgs) -> LLMEngine:
-    from aotllm.models.loader import load_model
+    from aotllm.quantize.config import QuantConfig
+    from aotllm.quantize.load import load_quantized
 
     device = args.resolve_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, args.dtype, device)
-    if args.quantization is not None:
-        from aotllm.quantize.apply import quantize_model
-        from aotllm.quantize.config import QuantConfig
-
-        quantize_model(model, QuantConfig(args.quantization), tokenizer)
+    quant = QuantConfig(args.quantization) if args.quantization else None
+    model, record = load_quantized(args.model, args.dtype, device, quant, lambda: tokenizer)
     config = model.config
     tensors = [*model.parameters(), *model.buffers()]
     weights_bytes = sum(t.numel() * t.element_size() for t in tensors)
     logger.info(
         "Loaded %s (%.1fM parameters, %s%s) in %.2f s",
         config.architecture, config.num_params / 1e6, str(model.dtype).removeprefix("torch."),
-        f", {args.quantization}" if args.quantization else "", time.perf_counter() - t0,
+        f", {record['scheme']}" if record else "", time.perf_counter() - t0,
     )
     kv_spec = KVCacheSpec(
         num_layers=config.num_layers,

@@ -129,3 +129,32 @@ def test_compile_cli_quantization_errors(llama_dir, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert main(["compile", str(llama_dir), "-o", out, "--group-size", "64"]) == 2
     assert "without --quantization" in capsys.readouterr().err
+
+
+def test_modelslim_checkpoint_compiles_like_the_same_scheme_quantized_by_aotllm(
+        artifacts, llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+    from aotllm.quantize.modelslim_writer import write_modelslim_checkpoint
+
+    model = load_model(llama_dir, "float32")
+    quantize_model(model, QuantConfig("w8a8"), AutoTokenizer.from_pretrained(str(llama_dir)))
+    ckpt = write_modelslim_checkpoint(model, "w8a8", llama_dir, tmp_path / "modelslim")
+    with pytest.raises(ValueError, match="pre-quantized msModelSlim checkpoint.*omit"):
+        compile_artifact(CompileConfig(model=str(ckpt), output=str(tmp_path / "x"),
+                                       quantization=QuantConfig("w8a16"), **PLAN))
+    out = tmp_path / "artifact"
+    compile_artifact(CompileConfig(model=str(ckpt), output=str(out), dtype="float32",
+                                   max_model_len=128, max_num_seqs=4, block_size=16, **PLAN))
+    q = Manifest.read(out).quantization
+    assert q["source"] == "msmodelslim" and q["model_quant_type"] == "W8A8_DYNAMIC"
+    assert q["scheme"] == "w8a8"
+    ours = LLM(str(artifacts.get("llama-gqa", "float32", quantization="w8a8", **PLAN)))
+    prompts = _prompts(ours.llm_engine.vocab_size, seed=3)
+    got = [c.token_ids for c in _generate(LLM(str(out)), prompts)]
+    assert got == [c.token_ids for c in _generate(ours, prompts)]
+    # The eager path reads the same checkpoint.
+    eager = LLM(str(ckpt), **EAGER_KW)
+    assert [c.token_ids for c in _generate(eager, prompts)] == got
