@@ -1,4 +1,4 @@
-"""`aotllm compile`: a Hugging Face checkpoint -> a self-contained artifact directory.
+"""`aotllm compile`: a checkpoint (HF directory or GGUF file) -> an artifact directory.
 
     artifact/
       manifest.json          format version, model config, dtype, backend, device,
@@ -40,6 +40,7 @@ from aotllm.graphs.manifest import (
     is_artifact_dir,
     sha256_file,
 )
+from aotllm.models.checkpoint import open_checkpoint
 from aotllm.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 _PACKAGE_ROOT = Path(aotllm.__file__).resolve().parent
 # Source whose changes alter the graphs a compile produces.
 _GRAPH_SOURCES = ("models", "compiler", "graphs", "quantize")
-_TOKENIZER_SIDE_FILES = ("generation_config.json",)
 
 
 def source_hash() -> str:
@@ -84,15 +84,6 @@ def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
     return aliases
 
 
-def _copy_tokenizer(model_dir: Path, out: Path) -> None:
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
-    for name in _TOKENIZER_SIDE_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out / name)
-
-
 def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
     """Graph entries of an existing artifact that can be kept, by reuse key."""
     if not is_artifact_dir(out):
@@ -112,12 +103,12 @@ def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
 
 def compile_artifact(cfg: CompileConfig) -> Manifest:
     t_start = time.perf_counter()
-    model_dir = Path(cfg.model)
+    source = open_checkpoint(cfg.model)
     out = Path(cfg.output)
     device = torch.device(cfg.device)
     backend = get_backend(cfg.backend, cfg.device)
 
-    model = load_model(model_dir, cfg.dtype, device)
+    model = load_model(source, cfg.dtype, device)
     config = model.config
     dtype_name = str(model.dtype).removeprefix("torch.")
     max_model_len = config.resolve_max_model_len(cfg.max_model_len)
@@ -144,7 +135,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
 
     logger.info("Writing weights and tokenizer to %s", out)
     aliases = _write_weights(model, out / "weights.safetensors")
-    _copy_tokenizer(model_dir, out)
+    # As HF tokenizer files (a GGUF's are rebuilt from its metadata), so the
+    # runtime loads every artifact's tokenizer the same way.
+    source.save_tokenizer(out)
 
     entries: list[GraphEntry] = []
     compile_seconds: list[float] = []
