@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class CompileConfig:
-    model: str  # local Hugging Face checkpoint directory
+    model: str  # local Hugging Face checkpoint directory or GGUF file
     output: str  # artifact directory
     dtype: str = "auto"
     backend: str = "inductor"

@@ -3,7 +3,8 @@
 The weight loader, the compiler (weights, tokenizer, compile cache) and the
 eager runtime read a checkpoint only through `CheckpointSource`, so a new
 on-disk format is one class and one `_SOURCES` entry here; nothing downstream
-changes.
+changes. Two formats exist today: a Hugging Face safetensors directory and a
+llama.cpp GGUF file (`models/gguf_checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from tqdm import tqdm
+
+from aotllm.models.gguf_checkpoint import GGUFCheckpoint, is_gguf_file
 
 
 @runtime_checkable
@@ -65,9 +68,13 @@ def hf_tokenizer(path: str | Path, **kwargs: Any) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        where = path
-        needs = ("The directory needs the checkpoint's tokenizer files "
-                 "(tokenizer.json, tokenizer_config.json)")
+        if "gguf_file" in kwargs:
+            where = Path(path) / kwargs["gguf_file"]
+            needs = "The file needs tokenizer.ggml.* metadata (tokens, merges, model)"
+        else:
+            where = path
+            needs = ("The directory needs the checkpoint's tokenizer files "
+                     "(tokenizer.json, tokenizer_config.json)")
         raise ValueError(
             f"could not load a tokenizer from {where}: {e}. {needs}; pass `tokenizer=` "
             "to point elsewhere."
@@ -173,6 +180,7 @@ class SafetensorsCheckpoint:
 
 # (does this path hold the format?, its source), tried in order.
 _SOURCES: tuple[tuple[Callable[[Path], bool], Callable[[Path], CheckpointSource]], ...] = (
+    (is_gguf_file, GGUFCheckpoint),
     (Path.is_dir, SafetensorsCheckpoint),
 )
 
@@ -180,7 +188,7 @@ _SOURCES: tuple[tuple[Callable[[Path], bool], Callable[[Path], CheckpointSource]
 def is_checkpoint(path: str | Path) -> bool:
     """Whether `path` looks like a checkpoint aotllm reads (not an artifact directory)."""
     path = Path(path)
-    return (path / "config.json").is_file()
+    return is_gguf_file(path) or (path / "config.json").is_file()
 
 
 def open_checkpoint(path: str | Path | CheckpointSource) -> CheckpointSource:
