@@ -64,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("compile", help="compile a Hugging Face checkpoint into an artifact",
-                       description="Compile a local Hugging Face checkpoint into an artifact "
-                                   "directory of shape-bucketed static graphs.")
-    c.add_argument("model", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
+    c = sub.add_parser("compile", help="compile a checkpoint into an artifact",
+                       description="Compile a local Hugging Face checkpoint directory or a "
+                                   "llama.cpp .gguf file into an artifact directory of "
+                                   "shape-bucketed static graphs.")
+    c.add_argument("model", metavar="MODEL",
+                   help="local Hugging Face checkpoint directory or .gguf file")
     c.add_argument("--output", "-o", required=True, metavar="DIR", help="artifact directory")
     c.add_argument("--dtype", choices=DTYPES, default="auto")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -105,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
 
     g = sub.add_parser("generate", help="generate completions for prompts",
-                       description="Generate with an artifact directory or a Hugging Face "
-                                   "checkpoint directory (compiled into the cache unless "
-                                   "--enforce-eager).")
-    g.add_argument("model", metavar="MODEL", help="artifact or checkpoint directory")
+                       description="Generate with an artifact directory, a Hugging Face "
+                                   "checkpoint directory or a .gguf file (compiled into the "
+                                   "cache unless --enforce-eager).")
+    g.add_argument("model", metavar="MODEL",
+                   help="artifact directory, checkpoint directory or .gguf file")
     g.add_argument("--prompt", "-p", action="append", required=True, metavar="TEXT",
                    help="a prompt; repeat for a batch")
     g.add_argument("--chat", action="store_true",
@@ -162,11 +165,15 @@ def _llm_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
+    model = Path(args.model)
+    if model.is_file():
+        from aotllm.models.checkpoint import open_checkpoint
+
+        open_checkpoint(model)  # refuses, with a message, a file that is not GGUF
+    elif not (model / "config.json").is_file():
         raise FileNotFoundError(
-            f"{model_dir} is not a Hugging Face checkpoint directory (no config.json); "
-            "pass a local checkpoint directory"
+            f"{model} is not a Hugging Face checkpoint directory (no config.json) or a "
+            ".gguf file; pass a local checkpoint directory or GGUF file"
         )
     import torch
 
@@ -180,7 +187,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     elif device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but this torch build sees no CUDA GPU")
     cfg = CompileConfig(
-        model=str(model_dir), output=args.output, dtype=args.dtype, backend=args.backend,
+        model=str(model), output=args.output, dtype=args.dtype, backend=args.backend,
         device=device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size, prefill_buckets=args.prefill_buckets,
         decode_batch_sizes=args.decode_batch_sizes, context_buckets=args.context_buckets,

@@ -1,8 +1,9 @@
 """`LLM`: vLLM's blocking offline API (generate, chat) over LLMEngine.
 
-This sits above both halves: given a Hugging Face checkpoint without
-`enforce_eager`, it has the compiler build (or reuse) a cached artifact, then
-hands the runtime that artifact. The runtime itself never imports the compiler.
+This sits above both halves: given a checkpoint (Hugging Face directory or
+GGUF file) without `enforce_eager`, it has the compiler build (or reuse) a
+cached artifact, then hands the runtime that artifact. The runtime itself
+never imports the compiler.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from aotllm.graphs.manifest import is_artifact_dir
 from aotllm.logger import configure_logging
+from aotllm.models.checkpoint import is_checkpoint
 from aotllm.runtime.engine import LLMEngine, PromptType
 from aotllm.runtime.engine_args import EngineArgs
 from aotllm.runtime.outputs import RequestOutput
@@ -29,8 +31,9 @@ logger = logging.getLogger(__name__)
 class LLM:
     """An LLM for offline inference, with vLLM's constructor names.
 
-    `model` is a local Hugging Face checkpoint directory or an aotllm
-    artifact directory. `enforce_eager=True` runs the torch model eagerly.
+    `model` is a local Hugging Face checkpoint directory, a llama.cpp .gguf
+    file, or an aotllm artifact directory. `enforce_eager=True` runs the torch
+    model eagerly.
     """
 
     def __init__(self, model: str, **kwargs: Any):
@@ -132,7 +135,7 @@ class LLM:
 def resolve_model(args: EngineArgs) -> EngineArgs:
     """Points `args.model` at an artifact, compiling a checkpoint unless eager."""
     path = Path(args.model)
-    if args.enforce_eager or is_artifact_dir(path) or not (path / "config.json").is_file():
+    if args.enforce_eager or is_artifact_dir(path) or not is_checkpoint(path):
         return args
     from aotllm.compiler.cache import cached_artifact
     from aotllm.compiler.config import CompileConfig

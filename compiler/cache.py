@@ -1,8 +1,10 @@
-"""The compile cache behind `LLM(model=HF_CHECKPOINT_DIR)`.
+"""The compile cache behind `LLM(model=HF_CHECKPOINT_DIR or FILE.gguf)`.
 
 An artifact is compiled once per (checkpoint content, compile options,
 aotllm/torch versions) into `$AOTLLM_CACHE_DIR` (default ~/.cache/aotllm) and
-reused on every later start.
+reused on every later start. How a checkpoint's content is hashed is up to its
+source (models/checkpoint.py): a safetensors directory in full, a GGUF file
+cheaply (size, mtime, first and last MiB).
 """
 
 from __future__ import annotations
@@ -19,42 +21,30 @@ import torch
 from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.pipeline import compile_artifact, source_hash
 from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
+from aotllm.models.checkpoint import open_checkpoint
 from aotllm.quantize.calibrate import read_calibration_text
 
 logger = logging.getLogger(__name__)
-
-_CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("AOTLLM_CACHE_DIR", Path.home() / ".cache" / "aotllm"))
 
 
-def checkpoint_hash(model_dir: Path) -> str:
-    """Hash of the checkpoint's content: every config, tokenizer and weight file."""
-    h = hashlib.sha256()
-    files = sorted({p for pat in _CHECKPOINT_PATTERNS for p in model_dir.glob(pat)})
-    for path in files:
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def cached_artifact(cfg: CompileConfig) -> Path:
     """The artifact for `cfg` (its `output` is ignored), compiled if not cached yet."""
+    source = open_checkpoint(cfg.model)
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "output")}
     if cfg.quantization is not None and cfg.quantization.calibration_data is not None:
         # The file's content, not its path, decides the calibrated scales.
         options["calibration_sha256"] = read_calibration_text(cfg.quantization.calibration_data).sha256
     payload = json.dumps(
-        {"checkpoint": checkpoint_hash(Path(cfg.model)), "options": options,
+        {"checkpoint": source.content_hash(), "options": options,
          "torch": torch.__version__, "source": source_hash()},
         sort_keys=True, default=list,
     )
     key = hashlib.sha256(payload.encode()).hexdigest()[:24]
-    out = cache_root() / f"{Path(cfg.model).resolve().name}-{key}"
+    out = cache_root() / f"{source.cache_name()}-{key}"
     if is_artifact_dir(out):
         try:
             Manifest.read(out)

@@ -9,7 +9,7 @@ from aotllm.quantize.config import QuantConfig
 
 @dataclass(frozen=True)
 class CompileConfig:
-    model: str  # local Hugging Face checkpoint directory
+    model: str  # local Hugging Face checkpoint directory or GGUF file
     output: str  # artifact directory
     dtype: str = "auto"
     backend: str = "inductor"

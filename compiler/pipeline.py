@@ -1,4 +1,4 @@
-"""`aotllm compile`: a Hugging Face checkpoint -> a self-contained artifact directory.
+"""`aotllm compile`: a checkpoint (HF directory or GGUF file) -> an artifact directory.
 
     artifact/
       manifest.json          format version, model config, dtype, backend, device,
@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 import aotllm
-from aotllm.compiler.backends import GraphBackend, check_quantization, get_backend
+from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.export import export_bucket
 from aotllm.graphs.buckets import Bucket, plan_buckets
@@ -41,6 +40,7 @@ from aotllm.graphs.manifest import (
     is_artifact_dir,
     sha256_file,
 )
+from aotllm.models.checkpoint import open_checkpoint
 from aotllm.models.int8_kernels import w8a8_kernel, w8a16_kernel
 from aotllm.quantize.load import load_quantized
 
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 _PACKAGE_ROOT = Path(aotllm.__file__).resolve().parent
 # Source whose changes alter the graphs a compile produces.
 _GRAPH_SOURCES = ("models", "compiler", "graphs", "quantize")
-_TOKENIZER_SIDE_FILES = ("generation_config.json",)
 
 
 def source_hash() -> str:
@@ -86,13 +85,6 @@ def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
     return aliases
 
 
-def _copy_tokenizer(model_dir: Path, out: Path) -> None:
-    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
-    for name in _TOKENIZER_SIDE_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out / name)
-
-
 def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: torch.device
              ) -> dict[str, str]:
     """Which int8 kernel each bucket's linears use (decided by rows, dtype, device)."""
@@ -121,15 +113,15 @@ def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
 
 def compile_artifact(cfg: CompileConfig) -> Manifest:
     t_start = time.perf_counter()
-    model_dir = Path(cfg.model)
+    source = open_checkpoint(cfg.model)
     out = Path(cfg.output)
     device = torch.device(cfg.device)
     backend = get_backend(cfg.backend, cfg.device)
 
     if cfg.quantization is not None:
         check_quantization(backend, cfg.quantization.scheme)
-    model, quant = load_quantized(model_dir, cfg.dtype, device, cfg.quantization,
-                                  lambda: AutoTokenizer.from_pretrained(str(model_dir)))
+    model, quant = load_quantized(source, cfg.dtype, device, cfg.quantization,
+                                  source.load_tokenizer)
     if quant is not None:
         check_quantization(backend, quant["scheme"])
     config = model.config
@@ -161,7 +153,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
 
     logger.info("Writing weights and tokenizer to %s", out)
     aliases = _write_weights(model, out / "weights.safetensors")
-    _copy_tokenizer(model_dir, out)
+    # As HF tokenizer files (a GGUF's are rebuilt from its metadata), so the
+    # runtime loads every artifact's tokenizer the same way.
+    source.save_tokenizer(out)
 
     entries: list[GraphEntry] = []
     compile_seconds: list[float] = []

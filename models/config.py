@@ -1,8 +1,7 @@
-"""ModelConfig: what the decoder needs from a checkpoint's config.json."""
+"""ModelConfig: what the decoder needs from a checkpoint's config (config.json-like)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,19 +64,11 @@ class ModelConfig:
         return AutoConfig.for_model(d.pop("model_type"), **d)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no config.json in {model_dir}: point `model` at a local Hugging Face "
-                "checkpoint directory (config.json, *.safetensors, tokenizer files) "
-                "or at an aotllm artifact directory"
-            )
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(raw)
+    def from_pretrained(cls, checkpoint: str | Path) -> "ModelConfig":
+        """From a checkpoint directory's config.json or a GGUF file's metadata."""
+        from aotllm.models.checkpoint import open_checkpoint
+
+        return cls.from_hf_dict(open_checkpoint(checkpoint).raw_config())
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":

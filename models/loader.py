@@ -1,20 +1,21 @@
-"""Weight loading from local safetensors checkpoints (single file or sharded).
+"""Weight loading from a checkpoint source (models/checkpoint.py): a safetensors
+directory (single file or sharded) or a GGUF file.
 
-Tensors are read one at a time from the memory-mapped files and copied into
-the model's (uninitialised) parameters, so at most one checkpoint tensor is
-held beside the model: the process never holds a second copy of the weights.
+The source yields one tensor at a time (memory-mapped safetensors, or one
+dequantized GGUF tensor), which is copied into the model's (uninitialised)
+parameters, so at most one checkpoint tensor is held beside the model: the
+process never holds a second copy of the weights.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 
+from aotllm.models.checkpoint import CheckpointSource, open_checkpoint
 from aotllm.models.config import ModelConfig
 from aotllm.models.decoder import CausalLM
 from aotllm.models.ops import TorchOps
@@ -29,8 +30,6 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-# Checkpoint tensors that some exporters save but that are derived, not weights.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 DTYPES = {
     "float32": torch.float32,
@@ -55,31 +54,6 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
             f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(DTYPES))}"
         )
     return DTYPES[dtype]
-
-
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [model_dir / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{index.name} in {model_dir} lists weight files that are missing: "
-                f"{', '.join(missing)}. Copy the complete checkpoint."
-            )
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        extra = ""
-        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-            extra = (
-                " It has PyTorch .bin/.pt weights: convert them to safetensors "
-                "(load with transformers and save_pretrained(..., safe_serialization=True))."
-            )
-        raise FileNotFoundError(f"no *.safetensors weight files in {model_dir}.{extra}")
-    return files
 
 
 def _target(model: CausalLM, name: str) -> tuple[str, int | None]:
@@ -119,45 +93,36 @@ def _checkpoint_name(param_name: str, shard: int | None) -> str:
     return param_name
 
 
-def load_weights(model: CausalLM, model_dir: str | Path) -> None:
-    files = checkpoint_files(model_dir)
+def load_weights(model: CausalLM, checkpoint: str | Path | CheckpointSource,
+                 tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+    """Fill every parameter from the checkpoint's tensors (or from `tensors`, a
+    subset of them another reader chose, e.g. the float ones of a quantized
+    checkpoint); a missing or foreign tensor is an error naming it."""
+    source = open_checkpoint(checkpoint)
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     if model.config.tie_word_embeddings:
         expected.discard("lm_head.weight")
     # Which slices of each parameter were written (None: the whole of it).
     written: dict[str, set[int | None]] = {}
-    for path in tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard",
-                     disable=len(files) < 2):
-        try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-        except SafetensorError as e:
+    for name, src in source.tensors() if tensors is None else tensors:
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        param_name, shard = _target(model, name)
+        if param_name not in expected:
             raise ValueError(
-                f"{path} is not a readable safetensors file ({e}); it may be truncated "
-                "or corrupt: copy it again"
-            ) from e
-        with f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if name == "lm_head.weight" and model.config.tie_word_embeddings:
-                    continue
-                param_name, shard = _target(model, name)
-                if param_name not in expected:
-                    raise ValueError(
-                        f"checkpoint tensor {name!r} in {path.name} does not belong to a "
-                        f"{model.config.architecture}; is config.json from the same checkpoint?"
-                    )
-                param = model.get_parameter(param_name)
-                dst = param if shard is None else _fused_slice(model, param, shard)
-                src = f.get_tensor(name)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(
-                        f"checkpoint tensor {name!r} has shape {tuple(src.shape)} but the "
-                        f"model built from config.json expects {tuple(dst.shape)}"
-                    )
-                with torch.no_grad():
-                    dst.copy_(src)
-                written.setdefault(param_name, set()).add(shard)
+                f"checkpoint tensor {name!r} ({source.describe()}) does not belong to a "
+                f"{model.config.architecture}; are its config and weights from the same checkpoint?"
+            )
+        param = model.get_parameter(param_name)
+        dst = param if shard is None else _fused_slice(model, param, shard)
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(src.shape)} but the "
+                f"model built from the checkpoint's config expects {tuple(dst.shape)}"
+            )
+        with torch.no_grad():
+            dst.copy_(src)
+        written.setdefault(param_name, set()).add(shard)
     missing = sorted(
         _checkpoint_name(n, shard)
         for n in expected
@@ -166,21 +131,22 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(
-            f"checkpoint in {model_dir} is missing {len(missing)} weight tensor(s): "
+            f"{source.describe()} is missing {len(missing)} weight tensor(s): "
             f"{shown}. Copy the complete checkpoint (all shards)."
         )
 
 
 def load_model(
-    model_dir: str | Path,
+    checkpoint: str | Path | CheckpointSource,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     ops=TorchOps,
 ) -> CausalLM:
-    """Build the decoder named by config.json and fill it from the checkpoint."""
-    config = ModelConfig.from_pretrained(model_dir)
+    """Build the decoder the checkpoint's config names and fill it from its weights."""
+    source = open_checkpoint(checkpoint)
+    config = ModelConfig.from_hf_dict(source.raw_config())
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device(device):
         model = CausalLM(config, torch_dtype, ops=ops)
-    load_weights(model, model_dir)
+    load_weights(model, source)
     return model.to(device).eval()

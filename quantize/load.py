@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from aotllm.models.checkpoint import CheckpointSource, open_checkpoint
 from aotllm.models.decoder import CausalLM
 from aotllm.models.loader import load_model
 from aotllm.quantize.apply import quantize_model
@@ -19,19 +20,20 @@ from aotllm.quantize.config import QuantConfig
 from aotllm.quantize.modelslim import is_modelslim_checkpoint, load_modelslim_model
 
 
-def load_quantized(model_dir: str | Path, dtype: str | torch.dtype, device: str | torch.device,
-                   quantization: QuantConfig | None,
+def load_quantized(checkpoint: str | Path | CheckpointSource, dtype: str | torch.dtype,
+                   device: str | torch.device, quantization: QuantConfig | None,
                    tokenizer: Callable[[], Any]) -> tuple[CausalLM, dict | None]:
     """(model, the manifest's quantization record or None). `tokenizer` is called
     only when calibration needs one."""
-    if is_modelslim_checkpoint(model_dir):
+    source = open_checkpoint(checkpoint)
+    if is_modelslim_checkpoint(source.path):
         if quantization is not None:
             raise ValueError(
-                f"{model_dir} is a pre-quantized msModelSlim checkpoint "
+                f"{source.path} is a pre-quantized msModelSlim checkpoint "
                 "(quant_model_description.json names its scheme): omit --quantization"
             )
-        return load_modelslim_model(model_dir, dtype, device)
-    model = load_model(model_dir, dtype, device)
+        return load_modelslim_model(source.path, dtype, device)
+    model = load_model(source, dtype, device)
     if quantization is None:
         return model, None
     tok = tokenizer() if quantization.needs_calibration else None

@@ -33,9 +33,8 @@ from torch import nn
 from aotllm.models.config import ModelConfig
 from aotllm.models.decoder import CausalLM
 from aotllm.models.layers import Linear, RMSNorm
-from aotllm.models.loader import (
-    _checkpoint_name, _fused_slice, _slices_needed, _target, checkpoint_files, resolve_dtype,
-)
+from aotllm.models.checkpoint import SafetensorsCheckpoint
+from aotllm.models.loader import _checkpoint_name, _slices_needed, load_weights, resolve_dtype
 from aotllm.models.ops import TorchOps
 from aotllm.quantize.config import QuantConfig
 from aotllm.quantize.linear import W8A8DynamicLinear, W8A8StaticLinear, W8A16Linear
@@ -140,7 +139,7 @@ class _Tensors:
     def __init__(self, stack: contextlib.ExitStack, model_dir: Path):
         self.files: dict[str, Any] = {}  # name -> its open safe_open handle
         self.by_module: dict[str, list[str]] = {}  # "model.layers.0.mlp.up_proj" -> its tensors
-        for path in checkpoint_files(model_dir):
+        for path in SafetensorsCheckpoint(model_dir).files():
             try:
                 f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
             except SafetensorError as e:
@@ -274,34 +273,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-@torch.no_grad()
-def _load_float(model: CausalLM, tensors: _Tensors, names: list[str], model_dir: Path) -> None:
-    """Copy the float tensors into the model's parameters (fused slices as models/loader.py)."""
-    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    written: dict[str, set[int | None]] = {}
+def _float_tensors(tensors: _Tensors, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     for name in names:
-        param_name, shard = _target(model, name)
-        if param_name not in expected:
-            raise ValueError(f"checkpoint tensor {name!r} does not belong to a "
-                             f"{model.config.architecture}; is config.json from the same checkpoint?")
         if not tensors.is_float(name):
             raise ValueError(f"checkpoint tensor {name!r} is not a float tensor, but aotllm "
                              "reads it as one: its linear must be typed W8A16/W8A8/W8A8_DYNAMIC")
-        param = model.get_parameter(param_name)
-        dst = param if shard is None else _fused_slice(model, param, shard)
-        src = tensors.get(name)
-        if tuple(src.shape) != tuple(dst.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(src.shape)} but the "
-                             f"model built from config.json expects {tuple(dst.shape)}")
-        dst.copy_(src)
-        written.setdefault(param_name, set()).add(shard)
-    missing = sorted(_checkpoint_name(n, s) for n in expected
-                     for s in _slices_needed(n) - written.get(n, set()))
-    if missing:
-        raise ValueError(f"msModelSlim checkpoint in {model_dir} is missing {len(missing)} tensor(s): "
-                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        yield name, tensors.get(name)
 
 
 def _check_coverage(desc: ModelSlimDescription, tensors: _Tensors) -> None:
@@ -364,7 +341,7 @@ def load_modelslim_model(model_dir: str | Path, dtype: str | torch.dtype = "auto
             quantized.append(name)
         rest = [n for n in tensors if n not in consumed and not n.endswith(_IGNORED_SUFFIXES)
                 and not (n == "lm_head.weight" and config.tie_word_embeddings)]
-        _load_float(model, tensors, rest, model_dir)
+        load_weights(model, SafetensorsCheckpoint(model_dir), _float_tensors(tensors, rest))
     model = model.to(device).eval()
     return model, _record(model, desc, quantized)
 

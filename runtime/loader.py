@@ -1,11 +1,12 @@
 """Builds an LLMEngine from EngineArgs: an aotllm artifact directory (compiled
-bucket graphs) or, eagerly, a Hugging Face checkpoint directory.
+bucket graphs) or, eagerly, a checkpoint (Hugging Face directory or GGUF file).
 
 Compiling a checkpoint is the compiler's job (see aotllm.llm); the runtime
 only loads what it is given."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import torch
 
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
+from aotllm.models.gguf_checkpoint import is_gguf_file
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
 from aotllm.runtime.engine import LLMEngine
 from aotllm.runtime.engine_args import EngineArgs
@@ -32,10 +34,11 @@ DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 
 def build_engine(args: EngineArgs) -> LLMEngine:
     model_dir = Path(args.model)
-    if not model_dir.is_dir():
+    if not (model_dir.is_dir() or is_gguf_file(model_dir)):
         raise ValueError(
-            f"model {args.model!r} is not a local directory. aotllm loads local Hugging Face "
-            "checkpoints or aotllm artifact directories (no hub downloads)."
+            f"model {args.model!r} is not a local directory or GGUF file. aotllm loads local "
+            "Hugging Face checkpoints, .gguf files or aotllm artifact directories (no hub "
+            "downloads)."
         )
     if is_artifact_dir(model_dir):
         return _build_compiled_engine(args)
@@ -43,7 +46,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
 
 def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_budget,
-                   weights_bytes, hf_config, tokenizer_dir, kv_dtype, tokenizer) -> LLMEngine:
+                   weights_bytes, hf_config, tokenizer_dir, kv_dtype, tokenizer,
+                   generation_config=None) -> LLMEngine:
     """The parts shared by the eager and the compiled engine."""
     device = executor.device
     sched_config = SchedulerConfig(
@@ -57,7 +61,7 @@ def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_b
         num_gpu_blocks_override=args.num_gpu_blocks_override,
     )
     num_blocks = determine_num_blocks(cache_config, sched_config, kv_spec, device, weights_bytes)
-    eos = eos_token_ids(tokenizer_dir, hf_config, tokenizer)
+    eos = eos_token_ids(tokenizer_dir, hf_config, tokenizer, generation_config)
     runner = ModelRunner(executor, kv_spec, num_blocks, Sampler(eos), kv_dtype, args.seed)
     scheduler = Scheduler(sched_config, kv_spec.block_size, num_blocks)
     return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, hf_config["vocab_size"])
@@ -122,14 +126,20 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
 
 
 def _build_eager_engine(args: EngineArgs) -> LLMEngine:
+    from aotllm.models.checkpoint import open_checkpoint
     from aotllm.quantize.config import QuantConfig
     from aotllm.quantize.load import load_quantized
 
     device = args.resolve_device()
+    source = open_checkpoint(args.model)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
     quant = QuantConfig(args.quantization) if args.quantization else None
-    model, record = load_quantized(args.model, args.dtype, device, quant, lambda: tokenizer)
+    # Loaded after the model (whose config check names an unsupported
+    # architecture first) unless calibration needs it sooner.
+    get_tokenizer = functools.cache(
+        lambda: load_tokenizer(args.tokenizer) if args.tokenizer else source.load_tokenizer())
+    model, record = load_quantized(source, args.dtype, device, quant, get_tokenizer)
+    tokenizer = get_tokenizer()
     config = model.config
     tensors = [*model.parameters(), *model.buffers()]
     weights_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -148,4 +158,4 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
     return _finish_engine(args, EagerExecutor(model, device), kv_spec,
                           config.resolve_max_model_len(args.max_model_len), args.max_num_seqs,
                           args.max_num_batched_tokens, weights_bytes, config.hf_config,
-                          args.model, model.dtype, tokenizer)
+                          args.model, model.dtype, tokenizer, source.generation_config())

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+    """The tokenizer of an artifact or checkpoint directory, or of a GGUF file."""
+    from aotllm.models.checkpoint import hf_tokenizer, open_checkpoint
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"could not load a tokenizer from {path}: {e}. The directory needs the "
-            "checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json); "
-            "pass `tokenizer=` to point elsewhere."
-        ) from e
+    if Path(path).is_file():  # a single-file checkpoint (GGUF) carries its own
+        return open_checkpoint(path).load_tokenizer()
+    return hf_tokenizer(path)
 
 
-def eos_token_ids(model_dir: str | Path, hf_config: dict, tokenizer) -> frozenset[int]:
-    """EOS ids from config.json, generation_config.json and the tokenizer."""
+def eos_token_ids(model_dir: str | Path, hf_config: dict, tokenizer,
+                  generation_config: dict[str, Any] | None = None) -> frozenset[int]:
+    """EOS ids from the config, the generation config and the tokenizer.
+
+    `generation_config` defaults to model_dir's generation_config.json; a
+    checkpoint source passes its own (a GGUF file has it in its metadata).
+    """
     ids: set[int] = set()
 
     def add(value) -> None:
@@ -30,8 +32,9 @@ def eos_token_ids(model_dir: str | Path, hf_config: dict, tokenizer) -> frozense
             ids.update(v for v in value if isinstance(v, int))
 
     add(hf_config.get("eos_token_id"))
-    gen = Path(model_dir) / "generation_config.json"
-    if gen.is_file():
-        add(json.loads(gen.read_text()).get("eos_token_id"))
+    if generation_config is None:
+        gen = Path(model_dir) / "generation_config.json"
+        generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
+    add(generation_config.get("eos_token_id"))
     add(getattr(tokenizer, "eos_token_id", None))
     return frozenset(ids)
