@@ -10,7 +10,12 @@ from aotllm.graphs.buckets import Bucket
 
 # Constants (weights) stay out of the package; the runtime binds the one
 # shared copy from weights.safetensors to every graph with user_managed=True.
-_INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+# emulate_precision_casts: round bf16/fp16 intermediates where eager does
+# instead of keeping fused chains in fp32. Without it a bf16 SmolLM2 artifact
+# answered "What is the capital of France?" with another first token than
+# eager and transformers (a near-tie of two logits flipped); with it, the same.
+_INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False,
+                     "emulate_precision_casts": True}
 
 
 class InductorBackend:

