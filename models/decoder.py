@@ -103,12 +103,20 @@ class DecoderLayer(nn.Module):
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def norm_linear_groups(self) -> list[tuple[RMSNorm, list[Linear]]]:
-        """Each norm with the linears that are the only readers of its output:
-        a per-channel scale can move from one to the other (SmoothQuant)."""
+    def smoothing_groups(self) -> list[tuple[list[torch.Tensor], list[Linear]]]:
+        """Where a per-channel scale can move between tensors (SmoothQuant):
+        (tensors whose dim 0 makes channel c of an activation, the linears that
+        are the only readers of that activation). Dividing the former's rows by
+        s and multiplying the latter's input columns by s leaves the layer's
+        output unchanged: norms scale their output, and down_proj's input is
+        act(gate) * up, linear in up's rows."""
+        mlp = self.mlp.gate_up_proj
+        i = self.mlp.intermediate_size
+        up = [mlp.weight[i:]] + ([mlp.bias[i:]] if mlp.bias is not None else [])
         return [
-            (self.input_layernorm, [self.self_attn.qkv_proj]),
-            (self.post_attention_layernorm, [self.mlp.gate_up_proj]),
+            ([self.input_layernorm.weight], [self.self_attn.qkv_proj]),
+            ([self.post_attention_layernorm.weight], [self.mlp.gate_up_proj]),
+            (up, [self.mlp.down_proj]),
         ]
 
 

@@ -44,19 +44,21 @@ def target_linears(model: nn.Module, cfg: QuantConfig) -> list[str]:
 
 @torch.no_grad()
 def smooth(model: nn.Module, stats: dict[str, torch.Tensor], alpha: float) -> int:
-    """Fold SmoothQuant scales into each norm and its linears; updates `stats`
-    to the smoothed activations. Returns the number of norms folded."""
+    """Fold SmoothQuant scales into each smoothing group (the norms, and up_proj
+    for down_proj); updates `stats` to the smoothed activations. Returns the
+    number of groups folded."""
     modules = {id(m): n for n, m in model.named_modules()}
     folded = 0
     for layer in model.model.layers:
-        for norm, linears in layer.norm_linear_groups():
+        for producers, linears in layer.smoothing_groups():
             names = [modules[id(lin)] for lin in linears]
             if not all(n in stats for n in names):
                 continue  # a linear of the group stays float: leave the group alone
             act = stats[names[0]]
             w_max = torch.stack([lin.weight.float().abs().amax(0) for lin in linears]).amax(0)
             s = smoothquant_scales(act, w_max, alpha)
-            norm.weight.copy_((norm.weight.float() / s).to(norm.weight.dtype))
+            for t in producers:
+                t.copy_((t.float() / s.view(-1, *[1] * (t.dim() - 1))).to(t.dtype))
             for lin, name in zip(linears, names):
                 lin.weight.copy_((lin.weight.float() * s).to(lin.weight.dtype))
                 stats[name] = stats[name] / s
@@ -86,7 +88,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None) -> dict:
         folded = smooth(model, stats, cfg.smoothquant_alpha)
         record["calibration"] = {"source": data.source, "sha256": data.sha256,
                                  "num_tokens": len(ids)}
-        record["smoothquant"] = {"alpha": cfg.smoothquant_alpha, "norms_folded": folded}
+        record["smoothquant"] = {"alpha": cfg.smoothquant_alpha, "groups_folded": folded}
     for name in names:
         lin = modules[name]
         if cfg.scheme == "w8a16":

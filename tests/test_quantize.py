@@ -163,9 +163,18 @@ def test_smoothquant_folding_leaves_the_float_model_unchanged(llama_dir, tokeniz
     before = run_sequence(model, ids)
     names = target_linears(model, QuantConfig("w8a8"))
     stats = collect_input_absmax(model, tokenizer.encode(read_calibration_text(None).text), names)
-    norm_before = model.model.layers[0].input_layernorm.weight.clone()
-    assert smooth(model, stats, 0.5) == 2 * model.config.num_layers
-    assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm_before)
+    layer = model.model.layers[0]
+    norm_before = layer.input_layernorm.weight.clone()
+    gate_up_before = layer.mlp.gate_up_proj.weight.clone()
+    assert smooth(model, stats, 0.5) == 3 * model.config.num_layers
+    assert not torch.equal(layer.input_layernorm.weight, norm_before)
+    # down_proj's smoothing divides up's rows, gate's rows are untouched ...
+    i = model.config.intermediate_size
+    after = layer.mlp.gate_up_proj.weight
+    assert not torch.equal(after[i:], gate_up_before[i:] * 1)
+    # ... (gate's columns carry post_attention_layernorm's scale, as up's do)
+    ratio = after[:i] / gate_up_before[:i]
+    assert torch.allclose(ratio, ratio[:1].expand_as(ratio), rtol=1e-4)
     assert torch.allclose(run_sequence(model, ids), before, atol=1e-4, rtol=1e-4)
 
 
@@ -188,7 +197,7 @@ def test_module_swap(llama_dir, tokenizer, scheme, cls):
     else:
         assert record["calibration"]["source"] == "builtin"
         assert record["calibration"]["num_tokens"] > 500
-        assert record["smoothquant"] == {"alpha": 0.5, "norms_folded": 2 * model.config.num_layers}
+        assert record["smoothquant"] == {"alpha": 0.5, "groups_folded": 3 * model.config.num_layers}
 
 
 def test_exclusions_and_lm_head(llama_dir):
