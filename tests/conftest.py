@@ -83,6 +83,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def restore_aotllm_logging():
+    """cli.main() installs a handler on the "aotllm" logger and stops propagation;
+    undo it so other test files' caplog still sees aotllm's records."""
+    import logging
+
+    log = logging.getLogger("aotllm")
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield
+    log.handlers[:], log.propagate, log.level = saved
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tiny_models) -> Path:
     return tiny_models.get("llama-gqa")

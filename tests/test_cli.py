@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -15,14 +14,7 @@ from aotllm.cli import int_list, main
 GREEDY = ["--temperature", "0", "--max-tokens", "8", "--max-model-len", "64"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    # main() installs a handler on the "aotllm" logger and stops propagation;
-    # undo it so other test files' caplog still sees aotllm's records.
-    log = logging.getLogger("aotllm")
-    saved = (list(log.handlers), log.propagate, log.level)
-    yield
-    log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
+pytestmark = pytest.mark.usefixtures("restore_aotllm_logging")
 
 
 def _completions(out: str) -> list[str]:

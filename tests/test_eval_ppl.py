@@ -4,7 +4,6 @@ eager, engine state afterwards, and `aotllm eval-ppl`."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 
@@ -197,13 +196,7 @@ LINE = re.compile(r"^perplexity (\S+) over (\d+) tokens \((\d+) windows? of <=(\
                   r"in \S+ s \(\d+ tokens/s\)$", re.M)
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    # main() installs a handler on the "aotllm" logger and stops propagation.
-    log = logging.getLogger("aotllm")
-    saved = (list(log.handlers), log.propagate, log.level)
-    yield
-    log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
+pytestmark = pytest.mark.usefixtures("restore_aotllm_logging")
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,7 @@ def test_quantization_mismatch_with_the_artifact(artifacts):
         LLM(str(path), quantization="w8a16")
 
 
+@pytest.mark.usefixtures("restore_aotllm_logging")
 def test_compile_cli_quantization_errors(llama_dir, tmp_path, capsys):
     out = str(tmp_path / "a")
     assert main(["compile", str(llama_dir), "-o", out, "--quantization", "w4a16"]) == 2
