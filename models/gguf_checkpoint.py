@@ -142,6 +142,7 @@ class GGUFCheckpoint:
                 ) from e
             splits = self._field("split.count", 1)
             if splits > 1:
+                self._reader = None  # refuse it on every call, not just the first
                 raise ValueError(
                     f"{self.path} is one of {splits} parts of a split GGUF model; merge the "
                     "parts into one file first (llama.cpp: llama-gguf-split --merge)"
