@@ -87,7 +87,9 @@ def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
 
 def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: torch.device
              ) -> dict[str, str]:
-    """Which int8 kernel each bucket's linears use (decided by rows, dtype, device)."""
+    """Which int8 kernel each bucket's decoder-layer linears use (decided by rows,
+    dtype, device). A quantized LM head sees only the B last tokens, so at
+    prefill it may take the small-M kernel where the body does not."""
     if quant["scheme"] != "w8a16":
         return {b.name: w8a8_kernel(device) for b in buckets}
     grouped = quant["group_size"] is not None
@@ -118,6 +120,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     device = torch.device(cfg.device)
     backend = get_backend(cfg.backend, cfg.device)
 
+    # Checked before loading (fail fast), and after for a pre-quantized
+    # msModelSlim checkpoint, whose scheme is known only once it is read.
     if cfg.quantization is not None:
         check_quantization(backend, cfg.quantization.scheme)
     model, quant = load_quantized(source, cfg.dtype, device, cfg.quantization,
