@@ -51,11 +51,6 @@ class EngineArgs:
         return cls(model=model, **kwargs)
 
     def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was asked for but this torch build sees no CUDA GPU")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device {self.device!r} is not supported; use cpu or cuda")
-        return device
+        from aotllm.runtime.devices import resolve_device
+
+        return resolve_device(self.device)
