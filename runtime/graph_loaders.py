@@ -96,6 +96,7 @@ class InductorLoader:
 # manifest backend -> "module:class", imported when an artifact names it.
 LOADERS: dict[str, str] = {
     "inductor": "aotllm.runtime.graph_loaders:InductorLoader",
+    "onnx": "aotllm.runtime.onnx_loader:OnnxLoader",
 }
 
 
