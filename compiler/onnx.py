@@ -222,8 +222,11 @@ class OnnxBackend:
         from onnxscript.optimizer import optimize_ir
 
         def should_fold(node) -> bool | None:
-            return False if any(v is not None and self._is_weight(v) for v in node.inputs) \
-                else None
+            # Shape/Size and CastLike's second input read only a weight's type or shape.
+            if node.op_type in ("Shape", "Size"):
+                return None
+            read = node.inputs[:1] if node.op_type == "CastLike" else node.inputs
+            return False if any(v is not None and self._is_weight(v) for v in read) else None
 
         optimize_ir(model, should_fold=should_fold)
 

@@ -98,10 +98,15 @@ class OnnxLoader:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
-        for name in weights:
-            opts.add_initializer(name, self._ort_value(constants[name]))
+        shared = {name: self._ort_value(constants[name]) for name in weights}
+        for name, value in shared.items():
+            opts.add_initializer(name, value)
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return _BoundGraph(session, bucket, path.name)
+        graph = _BoundGraph(session, bucket, path.name)
+        # The session reads these buffers without owning them: the graph keeps
+        # them (and the tensors under them) alive for as long as it lives.
+        graph.keep_alive = [self._ort_values[id(constants[n])] for n in weights]
+        return graph
 
 
 class _BoundGraph:
