@@ -244,3 +244,33 @@ def test_unsupported_dtype_and_device_fail_early(tiny_models, tmp_path):
         compile_artifact(CompileConfig(model=ckpt, output=str(tmp_path / "b"),
                                        device="cuda", backend="onnx"))
     assert not (tmp_path / "a" / "graphs").exists()
+
+
+def test_sessions_share_one_copy_of_the_weights(tiny_models, tmp_path):
+    """Resident memory: loading every bucket's session adds far less than one
+    more copy of the weights (onnxruntime's per-session pre-packing, on by
+    default, added about one copy per session)."""
+    import psutil
+
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+    from aotllm.runtime.onnx_loader import OnnxLoader
+
+    ckpt = tiny_models.get("llama", hidden_size=1024, intermediate_size=4096,
+                           num_attention_heads=8, num_key_value_heads=4)
+    art = tmp_path / "wide"
+    compile_artifact(CompileConfig(
+        model=str(ckpt), output=str(art), dtype="float32", backend="onnx",
+        **{**COMPILE_PLAN, "prefill_buckets": (16,), "decode_batch_sizes": (4,),
+           "context_buckets": (128,)}))
+    manifest = Manifest.read(art)
+    loader = OnnxLoader()
+    weights = loader.read_weights(art, manifest, torch.device("cpu"))
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    assert weight_bytes > 64 << 20
+    before = psutil.Process().memory_info().rss
+    graphs = [loader.load_graph(art / e.file, e.bucket, torch.device("cpu"), weights, manifest)
+              for e in manifest.graphs]
+    added = psutil.Process().memory_info().rss - before
+    assert len(graphs) == 2
+    assert added < 0.3 * weight_bytes, (added >> 20, weight_bytes >> 20)
