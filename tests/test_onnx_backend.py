@@ -211,6 +211,14 @@ def test_quantized_artifact_matches_eager(artifacts, checkpoint, scheme):
     assert (got - want).abs().max().item() < 1e-3
 
 
+def test_float16_artifact_matches_float16_eager(artifacts, checkpoint):
+    art = artifacts.get("llama-gqa", "float16", backend="onnx", **SMALL)
+    compiled = LLM(str(art))
+    eager = LLM(str(checkpoint), dtype="float16", **EAGER_KW)
+    prompts = _prompts(eager.llm_engine.vocab_size, [3, 16, 20, 33], seed=13)
+    assert _greedy(compiled, prompts, 8) == _greedy(eager, prompts, 8)
+
+
 def test_fixed_kv_block_count_for_atc(artifacts, checkpoint):
     """--num-gpu-blocks-override fixes num_blocks in every graph (ATC needs
     static shapes); the runtime then sizes its cache to exactly that."""
@@ -237,7 +245,7 @@ def test_unsupported_dtype_and_device_fail_early(tiny_models, tmp_path):
     from aotllm.compiler.pipeline import compile_artifact
 
     ckpt = str(tiny_models.get("llama-gqa"))
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 or float16, not bfloat16"):
         compile_artifact(CompileConfig(model=ckpt, output=str(tmp_path / "a"),
                                        dtype="bfloat16", backend="onnx"))
     with pytest.raises(ValueError, match="--device cpu"):
@@ -274,3 +282,19 @@ def test_sessions_share_one_copy_of_the_weights(tiny_models, tmp_path):
     added = psutil.Process().memory_info().rss - before
     assert len(graphs) == 2
     assert added < 0.3 * weight_bytes, (added >> 20, weight_bytes >> 20)
+
+
+def test_missing_onnx_packages_are_clear_errors(art, tiny_models, tmp_path, monkeypatch):
+    import sys
+
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+    from aotllm.graphs.manifest import ArtifactError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    with pytest.raises(ArtifactError, match=r"pip install 'aotllm\[onnx\]'"):
+        LLM(str(art))
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ValueError, match=r"needs onnxscript: pip install 'aotllm\[onnx\]'"):
+        compile_artifact(CompileConfig(model=str(tiny_models.get("llama-gqa")),
+                                       output=str(tmp_path / "a"), backend="onnx"))
