@@ -198,7 +198,9 @@ class OnnxBackend:
         args = list(example_inputs(bucket, spec, model.dtype, torch.device("cpu")))
         if self.num_blocks is not None:
             # ATC needs every shape static: the cache size is fixed here, once.
-            args[-1] = [torch.zeros(spec.layer_shape(self.num_blocks), dtype=model.dtype)
+            # empty, not zeros: export reads only shapes, and a serving-sized
+            # cache would otherwise be written through once per bucket.
+            args[-1] = [torch.empty(spec.layer_shape(self.num_blocks), dtype=model.dtype)
                         for _ in range(spec.num_layers)]
             dynamic_shapes = None
         else:

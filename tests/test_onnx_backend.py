@@ -182,7 +182,7 @@ def test_qwen2_tied_matches_eager(artifacts, tiny_models):
     assert _greedy(LLM(str(art)), prompts, 12) == _greedy(eager, prompts, 12)
 
 
-@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8", "w8a8_static"])
 def test_quantized_artifact_matches_eager(artifacts, checkpoint, scheme):
     art = artifacts.get("llama-gqa", "float32", quantization=scheme, backend="onnx", **SMALL)
     assert Manifest.read(art).quantization["scheme"] == scheme
