@@ -298,3 +298,23 @@ def test_missing_onnx_packages_are_clear_errors(art, tiny_models, tmp_path, monk
     with pytest.raises(ValueError, match=r"needs onnxscript: pip install 'aotllm\[onnx\]'"):
         compile_artifact(CompileConfig(model=str(tiny_models.get("llama-gqa")),
                                        output=str(tmp_path / "a"), backend="onnx"))
+
+
+def test_each_graph_file_runs_on_its_own(art, compiled):
+    """A graph file is a standard ONNX model: plain onnxruntime, reading the
+    external weights itself, gives the loader's logits and updated caches."""
+    executor = compiled.llm_engine.runner.executor
+    spec = compiled.llm_engine.runner.kv_spec
+    bucket, rows = _logit_cases(compiled.llm_engine.vocab_size)[1]
+    inputs = _paged_inputs(rows, bucket)
+    torch.manual_seed(2)
+    kv = [torch.randn(spec.layer_shape(12)) for _ in range(spec.num_layers)]
+    session = ort.InferenceSession(str(art / Manifest.read(art).graph_for(bucket).file),
+                                   providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), [*inputs, *kv])}
+    logits, *new_kv = session.run(None, feeds)
+    kv_bound = [k.clone() for k in kv]
+    want = executor.graphs[bucket]([*inputs, *kv_bound])[0]
+    assert torch.allclose(torch.from_numpy(logits), want, atol=1e-5)
+    for a, b in zip(new_kv, kv_bound):
+        assert torch.equal(torch.from_numpy(a), b)
