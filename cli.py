@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from aotllm.graphs.devices import DEVICE_TYPES
 from aotllm.logger import LOG_DATEFMT, LOG_FORMAT
 
 logger = logging.getLogger("aotllm.cli")
@@ -72,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Hugging Face checkpoint directory or .gguf file")
     c.add_argument("--output", "-o", required=True, metavar="DIR", help="artifact directory")
     c.add_argument("--dtype", choices=DTYPES, default="auto")
-    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="device the graphs are compiled for (auto: cuda if available)")
-    c.add_argument("--backend", default="inductor")
+    c.add_argument("--device", choices=("auto", *DEVICE_TYPES), default="auto",
+                   help="device the graphs are compiled for (auto: npu, else cuda, else cpu)")
+    c.add_argument("--backend", default="inductor",
+                   help="inductor (AOTInductor, cpu/cuda), ge (torchair GE graphs for Ascend "
+                        "NPUs) or onnx (onnxruntime, and Ascend's ATC)")
+    c.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N",
+                   help="build static-shape graphs (ge, onnx for ATC) for exactly N KV blocks")
     c.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
     c.add_argument("--max-num-seqs", type=_positive_int, default=8, metavar="N",
@@ -146,7 +151,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run the torch model eagerly")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", *DEVICE_TYPES), default="auto")
     parser.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
     parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
@@ -175,23 +180,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
             f"{model} is not a Hugging Face checkpoint directory (no config.json) or a "
             ".gguf file; pass a local checkpoint directory or GGUF file"
         )
-    import torch
-
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
     from aotllm.quantize.config import QuantConfig, resolve_scheme
+    from aotllm.runtime.devices import resolve_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but this torch build sees no CUDA GPU")
+    # An explicit device is the backend's to check (GE compiles for an NPU it
+    # needs torch_npu for; Inductor for cuda needs a CUDA torch).
+    device = resolve_device("auto").type if args.device == "auto" else args.device
     cfg = CompileConfig(
         model=str(model), output=args.output, dtype=args.dtype, backend=args.backend,
         device=device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size, prefill_buckets=args.prefill_buckets,
         decode_batch_sizes=args.decode_batch_sizes, context_buckets=args.context_buckets,
         reuse=not args.no_reuse, quantization=_quant_config(args, QuantConfig, resolve_scheme),
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
     )
     t0 = time.perf_counter()
     manifest = compile_artifact(cfg)

@@ -24,9 +24,17 @@ class CompileConfig:
     reuse: bool = True
     # Offline quantization (quantize/): None keeps every weight in `dtype`.
     quantization: QuantConfig | None = None
+    # vLLM's name. Backends whose graphs need static shapes (ge, and onnx for
+    # ATC) are built for exactly this many KV blocks, which the serving host
+    # must then allocate; Inductor graphs keep the block count dynamic and
+    # ignore it.
+    num_gpu_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError("num_gpu_blocks_override must be at least 2 (block 0 is the "
+                             f"null block), got {self.num_gpu_blocks_override}")

@@ -1,4 +1,5 @@
-"""AOTInductor backend (CPU and CUDA): one .pt2 package per bucket, without weights."""
+"""AOTInductor backend (CPU and CUDA): torch.export per bucket, one .pt2 package
+each, without weights."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ from pathlib import Path
 
 import torch
 
+from aotllm.compiler.export import export_bucket
+from aotllm.compiler.weights import write_safetensors
 from aotllm.graphs.buckets import Bucket
+from aotllm.graphs.devices import supported_device_type
+from aotllm.graphs.kv_cache import KVCacheSpec
+from aotllm.graphs.manifest import BackendTraits
+from aotllm.models.ops import TorchOps
 
 # Constants (weights) stay out of the package; the runtime binds the one
 # shared copy from weights.safetensors to every graph with user_managed=True.
@@ -23,16 +30,32 @@ class InductorBackend:
     file_suffix = ".pt2"
     # models/int8_kernels.py: int8 extern kernels on CPU, the float route on CUDA.
     quantization_schemes = frozenset({"w8a16", "w8a8", "w8a8_static"})
+    ops = TorchOps
 
-    def __init__(self, device: str):
-        self.device = torch.device(device)
+    def __init__(self, cfg):
+        # Checked on the name: without torch_npu, torch.device("npu") itself fails.
+        if supported_device_type(cfg.device) not in ("cpu", "cuda"):
+            raise ValueError(
+                f"the inductor backend compiles for cpu or cuda, not {cfg.device!r}; "
+                "for an Ascend NPU use --backend ge (or --backend onnx for ATC)"
+            )
+        self.device = torch.device(cfg.device)
 
     def version(self) -> str:
         return f"torch-{torch.__version__}"
 
-    def compile_bucket(
-        self, program: torch.export.ExportedProgram, bucket: Bucket, out_path: Path
-    ) -> None:
+    def check_available(self) -> None:
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but this torch build sees no CUDA GPU")
+
+    def traits(self) -> BackendTraits:
+        return BackendTraits(kv_in_place=True, num_blocks=None, shared_weights=True)
+
+    def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
+        return write_safetensors(model, out_dir)
+
+    def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
+        program = export_bucket(model, bucket, spec, self.device)
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(out_path), inductor_configs=dict(_INDUCTOR_CONFIGS)
         )

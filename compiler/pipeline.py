@@ -3,8 +3,9 @@
     artifact/
       manifest.json          format version, model config, dtype, backend, device,
                              torch version, KV layout, bucket table (file + sha256)
-      weights.safetensors    the weights, once, under the graphs' constant names
-      graphs/<bucket>.pt2    one graph per bucket, no weights inside
+      weights file           the weights, once (backend.write_weights; Inductor:
+                             weights.safetensors under the graphs' constant names)
+      graphs/<bucket>.*      one graph per bucket (backend.compile_bucket), no weights inside
       tokenizer files, generation_config.json
 
 Recompiling into an existing artifact reuses every graph whose reuse key (a
@@ -23,13 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import aotllm
 from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
-from aotllm.compiler.export import export_bucket
 from aotllm.graphs.buckets import Bucket, plan_buckets
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import (
@@ -65,26 +64,6 @@ def bucket_key(common: dict, bucket: Bucket) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, str]:
-    """Saves each tensor once; returns {alias: canonical} for tied tensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[int, str] = {}
-    named = list(model.named_parameters(remove_duplicate=False))
-    named += list(model.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        ptr = t.data_ptr()
-        if ptr in seen:
-            aliases[name] = seen[ptr]
-            continue
-        seen[ptr] = name
-        tensors[name] = t.detach().contiguous().cpu()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return aliases
-
-
 def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: torch.device
              ) -> dict[str, str]:
     """Which int8 kernel each bucket's decoder-layer linears use (decided by rows,
@@ -117,15 +96,16 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     t_start = time.perf_counter()
     source = open_checkpoint(cfg.model)
     out = Path(cfg.output)
+    backend = get_backend(cfg)
+    backend.check_available()
     device = torch.device(cfg.device)
-    backend = get_backend(cfg.backend, cfg.device)
 
     # Checked before loading (fail fast), and after for a pre-quantized
     # msModelSlim checkpoint, whose scheme is known only once it is read.
     if cfg.quantization is not None:
         check_quantization(backend, cfg.quantization.scheme)
     model, quant = load_quantized(source, cfg.dtype, device, cfg.quantization,
-                                  source.load_tokenizer)
+                                  source.load_tokenizer, ops=backend.ops)
     if quant is not None:
         check_quantization(backend, quant["scheme"])
     config = model.config
@@ -147,6 +127,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         "kv_cache": spec.to_dict(),
         "backend": backend.name,
         "backend_version": backend.version(),
+        "backend_traits": backend.traits().to_dict(),
         "device": device.type,
         "torch": torch.__version__,
         "source": source_hash(),
@@ -156,7 +137,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     (out / GRAPHS_DIR).mkdir(parents=True, exist_ok=True)
 
     logger.info("Writing weights and tokenizer to %s", out)
-    aliases = _write_weights(model, out / "weights.safetensors")
+    weights_file, aliases = backend.write_weights(model, out)
     # As HF tokenizer files (a GGUF's are rebuilt from its metadata), so the
     # runtime loads every artifact's tokenizer the same way.
     source.save_tokenizer(out)
@@ -172,12 +153,11 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
             continue
         rel = f"{GRAPHS_DIR}/{bucket.name}{backend.file_suffix}"
         t0 = time.perf_counter()
-        program = export_bucket(model, bucket, spec, device)
         # Compiled under its final name in a scratch folder (a package records
         # its file name inside), then moved into place whole.
         tmp = out / GRAPHS_DIR / ".partial" / f"{bucket.name}{backend.file_suffix}"
         tmp.parent.mkdir(exist_ok=True)
-        backend.compile_bucket(program, bucket, tmp)
+        backend.compile_bucket(model, bucket, spec, tmp)
         os.replace(tmp, out / rel)
         seconds = time.perf_counter() - t0
         compile_seconds.append(seconds)
@@ -186,7 +166,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     bar.close()
 
     shutil.rmtree(out / GRAPHS_DIR / ".partial", ignore_errors=True)
-    wanted = {out / e.file for e in entries}
+    wanted = {out / e.file for e in entries} | {out / weights_file}
     for stale in (out / GRAPHS_DIR).iterdir():
         if stale not in wanted:
             stale.unlink()
@@ -198,12 +178,14 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         quantization=quant,
         backend=backend.name,
         backend_version=backend.version(),
+        backend_traits=backend.traits(),
         device=device.type,
         torch_version=torch.__version__,
         kv_cache=spec.to_dict(),
         plan=plan.to_dict(),
         graphs=tuple(entries),
-        weights_sha256=sha256_file(out / "weights.safetensors"),
+        weights_file=weights_file,
+        weights_sha256=sha256_file(out / weights_file),
         extra={"weight_aliases": aliases, "max_model_len": max_model_len,
                "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"]},
     )
@@ -214,6 +196,6 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         "bucket); artifact %s is %.1f MiB (weights %.1f MiB)",
         len(entries), len(entries) - len(compile_seconds), time.perf_counter() - t_start,
         sum(compile_seconds) / max(len(compile_seconds), 1), out, size / (1 << 20),
-        (out / "weights.safetensors").stat().st_size / (1 << 20),
+        (out / weights_file).stat().st_size / (1 << 20),
     )
     return manifest

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from aotllm.graphs.buckets import Bucket, BucketPlan
+from aotllm.graphs.devices import device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 
 FORMAT_VERSION = 1
@@ -58,6 +59,36 @@ def _check_sha256(value: str, what: str) -> str:
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class BackendTraits:
+    """What holds for one backend's graphs; the runtime sizes and binds by it."""
+
+    # The graphs write the new K/V into the cache tensors they are given
+    # (Inductor, GE). False: the caches are graph outputs the loader must
+    # alias back onto its own tensors (ONNX).
+    kv_in_place: bool = True
+    # None: num_blocks is a dynamic dimension and the serving host sizes the
+    # cache from its memory. A number: the graphs were built for exactly this
+    # many blocks (GE and ATC need fully static shapes).
+    num_blocks: int | None = None
+    # The weights file is bound to every graph at load time (one copy in memory).
+    shared_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_blocks is not None and (type(self.num_blocks) is not int or self.num_blocks < 2):
+            raise ValueError(f"backend_traits.num_blocks must be None or an int >= 2, "
+                             f"got {self.num_blocks!r}")
+
+    def to_dict(self) -> dict:
+        return {"kv_in_place": self.kv_in_place, "num_blocks": self.num_blocks,
+                "shared_weights": self.shared_weights}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackendTraits":
+        return cls(kv_in_place=bool(d["kv_in_place"]), num_blocks=d["num_blocks"],
+                   shared_weights=bool(d["shared_weights"]))
 
 
 @dataclass(frozen=True)
@@ -111,6 +142,7 @@ class Manifest:
     graphs: tuple[GraphEntry, ...]
     weights_sha256: str
     weights_file: str = "weights.safetensors"
+    backend_traits: BackendTraits = BackendTraits()
     created_at: str = field(default_factory=_utc_now)
     extra: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -144,6 +176,7 @@ class Manifest:
             "quantization": self.quantization,
             "backend": self.backend,
             "backend_version": self.backend_version,
+            "backend_traits": self.backend_traits.to_dict(),
             "device": self.device,
             "torch_version": self.torch_version,
             "created_at": self.created_at,
@@ -170,6 +203,10 @@ class Manifest:
             quantization=None if d["quantization"] is None else dict(d["quantization"]),
             backend=str(d["backend"]),
             backend_version=str(d["backend_version"]),
+            # Absent in manifests written before backends declared traits:
+            # those were all Inductor artifacts, whose traits are the defaults.
+            backend_traits=BackendTraits.from_dict(d["backend_traits"])
+            if "backend_traits" in d else BackendTraits(),
             device=str(d["device"]),
             torch_version=str(d["torch_version"]),
             kv_cache=dict(d["kv_cache"]),
@@ -293,10 +330,6 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _device_type(device: str) -> str:
-    return device.strip().split(":", 1)[0].lower()
-
-
 def check_runtime_compat(
     manifest: Manifest, *, torch_version: str, backends: Collection[str], device: str,
     quantization_schemes: Collection[str] = (),
@@ -322,11 +355,11 @@ def check_runtime_compat(
             f"only: {available}. Install that backend's runtime or {_RECOMPILE} for one "
             f"of these backends"
         )
-    if _device_type(manifest.device) != _device_type(device):
+    if device_type(manifest.device) != device_type(device):
         problems.append(
             f"it was compiled for device {manifest.device!r} but this runs on {device!r}: "
-            f"{_RECOMPILE} for {_device_type(device)!r}, or serve it on a "
-            f"{_device_type(manifest.device)!r} host"
+            f"{_RECOMPILE} for {device_type(device)!r}, or serve it on a "
+            f"{device_type(manifest.device)!r} host"
         )
     scheme = (manifest.quantization or {}).get("scheme")
     if scheme is not None and scheme not in quantization_schemes:

@@ -48,6 +48,7 @@ class Attention(nn.Module):
         block_tables: torch.Tensor,
         positions: torch.Tensor,
         context_lens: torch.Tensor,
+        query_lens: torch.Tensor,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -57,7 +58,8 @@ class Attention(nn.Module):
         q, k = self.ops.rotary(q, k, cos, sin)
         self.ops.write_kv(kv_cache, k, v, slot_mapping)
         out = self.ops.paged_attention(
-            q, kv_cache, block_tables, positions, context_lens, self.scale, self.sliding_window
+            q, kv_cache, block_tables, positions, context_lens, query_lens, self.scale,
+            self.sliding_window,
         )
         return self.o_proj(out.reshape(b, t, self.q_size))
 
@@ -95,10 +97,11 @@ class DecoderLayer(nn.Module):
         block_tables: torch.Tensor,
         positions: torch.Tensor,
         context_lens: torch.Tensor,
+        query_lens: torch.Tensor,
     ) -> torch.Tensor:
         a = self.self_attn(
             self.input_layernorm(h),
-            cos, sin, kv_cache, slot_mapping, block_tables, positions, context_lens,
+            cos, sin, kv_cache, slot_mapping, block_tables, positions, context_lens, query_lens,
         )
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -166,7 +169,8 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary_cos_sin(positions)
         h = self.model.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h = layer(h, kv_cache, cos, sin, slot_mapping, block_tables, positions, context_lens)
+            h = layer(h, kv_cache, cos, sin, slot_mapping, block_tables, positions, context_lens,
+                      query_lens)
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, query_lens - 1]
         return self.lm_head(self.model.norm(last)).float()

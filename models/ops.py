@@ -14,6 +14,7 @@ Shapes (B rows, T tokens per row, KV layout from graphs.kv_cache):
   block_tables [B, MAXB]
   positions    [B, T]  absolute position of each token
   context_lens [B]     tokens in the cache for the row once this step's are written
+  query_lens   [B]     valid tokens of the row in this step (the rest is padding)
 
 Quantized linears (quantize/ swaps them in; the tensors' layout is theirs):
   x            [..., in] in the model dtype
@@ -41,8 +42,13 @@ class Ops(Protocol):
 
     def paged_attention(self, q: torch.Tensor, kv_cache: torch.Tensor,
                         block_tables: torch.Tensor, positions: torch.Tensor,
-                        context_lens: torch.Tensor, scale: float,
-                        sliding_window: int | None = None) -> torch.Tensor: ...
+                        context_lens: torch.Tensor, query_lens: torch.Tensor, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+        """Attention of each row's T queries over its cached context (this step's
+        K/V already written). Lengths come as tensors, never Python ints, so one
+        graph serves every length of its bucket (the NPU kernels take
+        `actual_seq_lengths` / `actual_seq_lengths_kv` the same way)."""
+        ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -95,9 +101,13 @@ class TorchOps:
         block_tables: torch.Tensor,
         positions: torch.Tensor,
         context_lens: torch.Tensor,
+        query_lens: torch.Tensor,
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
+        # query_lens is not needed here: the mask from positions and
+        # context_lens already covers every valid query, and padding queries'
+        # outputs are never read.
         b, t, hq, d = q.shape
         _, _, bs, hkv, _ = kv_cache.shape
         maxb = block_tables.shape[1]

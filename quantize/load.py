@@ -15,6 +15,7 @@ import torch
 from aotllm.models.checkpoint import CheckpointSource, open_checkpoint
 from aotllm.models.decoder import CausalLM
 from aotllm.models.loader import load_model
+from aotllm.models.ops import Ops, TorchOps
 from aotllm.quantize.apply import quantize_model
 from aotllm.quantize.config import QuantConfig
 from aotllm.quantize.modelslim import is_modelslim_checkpoint, load_modelslim_model
@@ -22,9 +23,11 @@ from aotllm.quantize.modelslim import is_modelslim_checkpoint, load_modelslim_mo
 
 def load_quantized(checkpoint: str | Path | CheckpointSource, dtype: str | torch.dtype,
                    device: str | torch.device, quantization: QuantConfig | None,
-                   tokenizer: Callable[[], Any]) -> tuple[CausalLM, dict | None]:
+                   tokenizer: Callable[[], Any], ops: Ops = TorchOps
+                   ) -> tuple[CausalLM, dict | None]:
     """(model, the manifest's quantization record or None). `tokenizer` is called
-    only when calibration needs one."""
+    only when calibration needs one; `ops` is the backend's ops layer the model
+    is built with (calibration runs the float model through it)."""
     source = open_checkpoint(checkpoint)
     if is_modelslim_checkpoint(source.path):
         if quantization is not None:
@@ -32,8 +35,8 @@ def load_quantized(checkpoint: str | Path | CheckpointSource, dtype: str | torch
                 f"{source.path} is a pre-quantized msModelSlim checkpoint "
                 "(quant_model_description.json names its scheme): omit --quantization"
             )
-        return load_modelslim_model(source.path, dtype, device)
-    model = load_model(source, dtype, device)
+        return load_modelslim_model(source.path, dtype, device, ops=ops)
+    model = load_model(source, dtype, device, ops=ops)
     if quantization is None:
         return model, None
     tok = tokenizer() if quantization.needs_calibration else None

@@ -10,6 +10,7 @@ import torch
 
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
+from aotllm.runtime.devices import mem_get_info
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ def memory_budget_bytes(device: torch.device, utilization: float, weights_bytes:
     On CPU the "device memory" is what was available to this process when the
     engine started, i.e. what is available now plus the weights it has loaded.
     """
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+    info = mem_get_info(device)
+    if info is not None:  # an accelerator (CUDA, NPU): its own memory
+        free, total = info
         return int(utilization * total) - (total - free) - _ACTIVATION_RESERVE_BYTES
     available = psutil.virtual_memory().available
     return int(utilization * (available + weights_bytes)) - weights_bytes - _ACTIVATION_RESERVE_BYTES

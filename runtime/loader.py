@@ -6,6 +6,7 @@ only loads what it is given."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from aotllm.graphs.devices import device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
 from aotllm.models.gguf_checkpoint import is_gguf_file
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
+from aotllm.runtime.devices import is_available
 from aotllm.runtime.engine import LLMEngine
 from aotllm.runtime.engine_args import EngineArgs
 from aotllm.runtime.kv_budget import determine_num_blocks
@@ -73,10 +76,11 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     manifest = Manifest.read(args.model)
     if args.device != "auto":
         device = args.resolve_device()
-    elif manifest.device == "cuda" and not torch.cuda.is_available():
+    elif not is_available(device_type(manifest.device)):
         raise ArtifactError(
-            "this artifact was compiled for 'cuda' but this host has no CUDA GPU: serve it "
-            "on a CUDA host, or recompile it with `aotllm compile ... --device cpu`"
+            f"this artifact was compiled for {manifest.device!r} but this host has no such "
+            f"device: serve it on a {manifest.device} host, or recompile it with "
+            "`aotllm compile ... --device cpu`"
         )
     else:
         device = torch.device(manifest.device)
@@ -120,6 +124,15 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     # Every prefill chunk must fit the largest prefill graph.
     budget = min(args.max_num_batched_tokens or plan.max_prefill_tokens, plan.max_prefill_tokens)
     dtype = getattr(torch, manifest.dtype)
+    fixed = manifest.backend_traits.num_blocks
+    if fixed is not None:
+        if args.num_gpu_blocks_override not in (None, fixed):
+            raise ValueError(
+                f"the artifact's {manifest.backend} graphs were built for exactly {fixed} KV "
+                f"blocks; drop num_gpu_blocks_override={args.num_gpu_blocks_override} or "
+                "recompile with --num-gpu-blocks-override to change it"
+            )
+        args = dataclasses.replace(args, num_gpu_blocks_override=fixed)
     return _finish_engine(args, CompiledExecutor(artifact, device), spec, max_model_len,
                           max_num_seqs, budget, artifact.weights_bytes, manifest.model_config,
                           args.model, dtype, tokenizer)
