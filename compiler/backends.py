@@ -71,6 +71,7 @@ def check_quantization(backend: GraphBackend, scheme: str | None) -> None:
 # toolchain (torchair, onnx) is never needed by another's.
 BACKENDS = {
     "inductor": "aotllm.compiler.inductor:InductorBackend",
+    "ge": "aotllm.compiler.ge:GeBackend",
 }
 
 

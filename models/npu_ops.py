@@ -15,16 +15,15 @@ the NPU kernels themselves (needs an Ascend host with CANN).
 Weight layout: the NPU matmuls take int8 weights as [in, out] (K, N), the
 transpose of msModelSlim's [out, in]. `to_npu_weight_layout(model)` relayouts
 a quantized model's buffers once, before compile; NpuOps expects that layout.
+
+Tensor parallel on NPU uses HCCL (graphs/devices.py DISTRIBUTED_BACKENDS);
+torchair converts the c10d functional collectives to GE's HCOM ops.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-# Distributed backend for tensor parallel on Ascend (torch.distributed's name
-# for Huawei's collective library; torch_npu registers it).
-DISTRIBUTED_BACKEND = "hccl"
 
 # FusedInferAttentionScore's causal mode for prefill: sparse_mode 3
 # ("rightDownCausal") takes this fixed 2048 x 2048 mask (1 = masked) and

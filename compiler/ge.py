@@ -1,0 +1,153 @@
+"""torchair GE backend (`--backend ge`): frozen, static-shape GE graphs for Ascend.
+
+Per bucket the model (built with `NpuOps`) is captured by
+`torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
+fullgraph=True, dynamic=False)`; torchair converts the FX graph to GE IR.
+The artifact's graph file per bucket is torchair's `dynamo_export` of that
+graph (`.air`, loadable by GE or ATC for offline deployment).
+
+GE graphs are fully static, so the KV block count is fixed at compile time
+(`CompileConfig.num_gpu_blocks_override`) and recorded in the backend traits,
+hence in every bucket's reuse key: a changed KV size recompiles instead of
+silently reusing graphs built for another cache size.
+
+Verified on a CPU-only host (tests/test_ascend_ge.py, torch-npu 2.13.0's
+torchair with its compiled modules replaced by test doubles): conversion to
+GE IR, the ops and options handed to GE, frozen weights, the `.air` export
+call, and numerics of the converted FX graph run eagerly. Not verified: GE
+compilation, kernels and speed (need an Ascend host with CANN).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from aotllm.compiler.export import example_inputs
+from aotllm.compiler.weights import write_safetensors
+from aotllm.graphs.buckets import Bucket
+from aotllm.graphs.devices import supported_device_type
+from aotllm.graphs.kv_cache import KVCacheSpec
+from aotllm.graphs.manifest import BackendTraits
+from aotllm.models.npu_ops import NpuOps, to_npu_weight_layout
+
+NEEDS_ASCEND = (
+    "--backend ge needs an Ascend host with torch_npu and CANN installed "
+    "(pip install 'aotllm[ascend]' and source CANN's set_env.sh); on this host {why}. "
+    "Use --backend inductor here, or --backend onnx and Ascend's ATC tool for offline models."
+)
+
+
+def import_torchair():
+    """torch_npu first (it puts torchair on the path and registers npu:: ops),
+    then torchair's own air:: attention op."""
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as e:  # ImportError, or OSError from missing CANN libraries
+        raise ValueError(NEEDS_ASCEND.format(why=f"import torch_npu failed: {e}")) from None
+    return _torchair()
+
+
+def _torchair():
+    import torchair
+    import torchair.ops._npu_fused_infer_attention_score  # noqa: F401  (registers air::)
+
+    return torchair
+
+
+def compiler_config(torchair, *, run_eagerly: bool = False):
+    """max-autotune (GE graphs) with frozen parameters, as vllm-ascend's
+    TorchAir graph mode ran by default (`enable_frozen_parameter`): weights
+    become constant-address inputs that GE can fold and skips per step."""
+    cfg = torchair.CompilerConfig()
+    cfg.mode = "max-autotune"
+    cfg.experimental_config.frozen_parameter = True
+    # The KV cache is written in the graph, not returned and copied back
+    # (torchair's default, stated because the runtime relies on it).
+    cfg.experimental_config.keep_inference_input_mutations = True
+    cfg.debug.run_eagerly = run_eagerly
+    return cfg
+
+
+def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
+                      device: torch.device, num_blocks: int) -> tuple:
+    """`example_inputs` with the KV caches at the artifact's fixed block count."""
+    args = list(example_inputs(bucket, spec, dtype, device))
+    args[-1] = [torch.zeros(spec.layer_shape(num_blocks), dtype=dtype, device=device)
+                for _ in range(spec.num_layers)]
+    return tuple(args)
+
+
+class GeBackend:
+    name = "ge"
+    file_suffix = ".air"
+    quantization_schemes = frozenset({"w8a16", "w8a8", "w8a8_static"})
+    ops = NpuOps
+
+    def __init__(self, cfg):
+        if supported_device_type(cfg.device) != "npu":
+            raise ValueError(f"the ge backend compiles for an Ascend NPU (--device npu), "
+                             f"not {cfg.device!r}")
+        if cfg.num_gpu_blocks_override is None:
+            raise ValueError(
+                "--backend ge builds static graphs for a fixed KV cache: pass "
+                "--num-gpu-blocks-override N (the serving host must allocate exactly N blocks)"
+            )
+        self.device = cfg.device
+        self.num_blocks = cfg.num_gpu_blocks_override
+
+    def version(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"torch_npu-{version('torch_npu')}"
+        except PackageNotFoundError:
+            return "torch_npu-unknown"
+
+    def check_available(self) -> None:
+        import_torchair()
+
+    def traits(self) -> BackendTraits:
+        # The weights file is bound to each graph's frozen inputs at load time,
+        # one copy for all buckets.
+        return BackendTraits(kv_in_place=True, num_blocks=self.num_blocks, shared_weights=True)
+
+    def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
+        # Weights are stored in the layout the graphs read (int8 as [in, out]).
+        to_npu_weight_layout(model)
+        return write_safetensors(model, out_dir)
+
+    def compiled(self, model, *, run_eagerly: bool = False):
+        """The torch.compile'd model for one bucket's static shapes."""
+        torchair = _torchair()
+        to_npu_weight_layout(model)
+        # frozen_parameter freezes nn.Parameters and tensors marked static;
+        # the quantized linears keep their int8 weights and scales as buffers.
+        for buf in model.buffers():
+            torch._dynamo.mark_static_address(buf)
+        cfg = compiler_config(torchair, run_eagerly=run_eagerly)
+        return torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
+                             fullgraph=True, dynamic=False)
+
+    def export_air(self, model, bucket: Bucket, spec: KVCacheSpec, out_dir: Path,
+                   device: torch.device | str | None = None) -> Path:
+        """torchair.dynamo_export of the bucket into `out_dir/<bucket>.air`."""
+        torchair = _torchair()
+        to_npu_weight_layout(model)
+        device = torch.device(device or self.device)
+        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        with torch.no_grad():
+            torchair.dynamo_export(*args, model=model, export_path=str(out_dir),
+                                   export_name=bucket.name, dynamic=False,
+                                   config=compiler_config(torchair))
+        return Path(out_dir) / f"{bucket.name}.air"
+
+    def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+            air = self.export_air(model, bucket, spec, Path(tmp))
+            if not air.is_file():
+                raise RuntimeError(f"torchair.dynamo_export wrote no {air.name}")
+            os.replace(air, out_path)
