@@ -217,9 +217,10 @@ def test_ge_eager_numerics(cases, model, scheme, bucket_spec, one_thread):
     assert err <= 0.03 * scale + 0.02, (err, scale)
     assert torch.equal(got.argmax(-1), want.argmax(-1)) or err <= 0.01 * scale
     for a, e in zip(npu_kv, ref_kv):
-        torch.testing.assert_close(a.float(), e.float(), rtol=0.03, atol=0.03 * e.abs().max().item())
-        # Only this step's slots changed, in both.
-        assert torch.equal((a != 0).sum(), (e != 0).sum())
+        # Block 0 is the null block: padding tokens all write to one slot
+        # there, and which duplicate wins is unspecified in either op.
+        a, e = a[:, 1:].float(), e[:, 1:].float()
+        torch.testing.assert_close(a, e, rtol=0.03, atol=0.03 * e.abs().max().item())
 
 
 def test_air_export(cases):
