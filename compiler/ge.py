@@ -81,6 +81,42 @@ def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
     return tuple(args)
 
 
+def freeze_buffers(model: torch.nn.Module) -> int:
+    """Re-registers every buffer as `nn.Parameter(requires_grad=False)` under
+    its own name; returns how many changed.
+
+    torchair's `frozen_parameter` freezes graph inputs that are nn.Parameters
+    (it checks the input's type); the quantized linears keep their int8
+    weights and scales as buffers, and `inv_freq` is one too, so without this
+    they would be per-step runtime inputs instead of constant-address ones.
+    Done here, not in quantize/: only this backend needs it. The names, hence
+    the weights file and its aliases, stay the same (the weights file lists
+    buffers and parameters alike); a tensor shared by several modules becomes
+    one Parameter, so ties stay ties.
+    """
+    made: dict[int, torch.nn.Parameter] = {}
+    changed = 0
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            param = made.get(id(buf))
+            if param is None:
+                param = made[id(buf)] = torch.nn.Parameter(buf, requires_grad=False)
+            del module._buffers[name]
+            module._non_persistent_buffers_set.discard(name)
+            module.register_parameter(name, param)
+            changed += 1
+    return changed
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """The weight layout the NPU ops read, then every constant frozen-able;
+    both idempotent, so every entry point calls it."""
+    to_npu_weight_layout(model)
+    freeze_buffers(model)
+
+
 class GeBackend:
     name = "ge"
     file_suffix = ".air"
@@ -117,17 +153,13 @@ class GeBackend:
 
     def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
         # Weights are stored in the layout the graphs read (int8 as [in, out]).
-        to_npu_weight_layout(model)
+        prepare(model)
         return write_safetensors(model, out_dir)
 
     def compiled(self, model, *, run_eagerly: bool = False):
         """The torch.compile'd model for one bucket's static shapes."""
         torchair = _torchair()
-        to_npu_weight_layout(model)
-        # frozen_parameter freezes nn.Parameters and tensors marked static;
-        # the quantized linears keep their int8 weights and scales as buffers.
-        for buf in model.buffers():
-            torch._dynamo.mark_static_address(buf)
+        prepare(model)
         cfg = compiler_config(torchair, run_eagerly=run_eagerly)
         return torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
                              fullgraph=True, dynamic=False)
@@ -136,7 +168,7 @@ class GeBackend:
                    device: torch.device | str | None = None) -> Path:
         """torchair.dynamo_export of the bucket into `out_dir/<bucket>.air`."""
         torchair = _torchair()
-        to_npu_weight_layout(model)
+        prepare(model)
         device = torch.device(device or self.device)
         args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
         with torch.no_grad():
