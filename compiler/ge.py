@@ -3,8 +3,9 @@
 Per bucket the model (built with `NpuOps`) is captured by
 `torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
 fullgraph=True, dynamic=False)`; torchair converts the FX graph to GE IR.
-The artifact's graph file per bucket is torchair's `dynamo_export` of that
-graph (`.air`, loadable by GE or ATC for offline deployment).
+The artifact's graph file per bucket is torchair's export of that graph
+(`.air`, for GE or ATC offline deployment), with the weights left as graph
+inputs bound to the artifact's one weights file (`export_air`).
 
 GE graphs are fully static, so the KV block count is fixed at compile time
 (`CompileConfig.num_gpu_blocks_override`) and recorded in the backend traits,
@@ -164,22 +165,55 @@ class GeBackend:
         return torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
                              fullgraph=True, dynamic=False)
 
-    def export_air(self, model, bucket: Bucket, spec: KVCacheSpec, out_dir: Path,
-                   device: torch.device | str | None = None) -> Path:
-        """torchair.dynamo_export of the bucket into `out_dir/<bucket>.air`."""
+    def load_device(self) -> torch.device:
+        """Where the pipeline loads the model for capture: the NPU itself.
+        torchair freezes only inputs it sees on the device (CPU tensors
+        become host inputs), and the cache needs a real compile. Valid once
+        check_available has imported torch_npu (it adds the device type)."""
+        return torch.device(self.device)
+
+    def export_air(self, model, bucket: Bucket, spec: KVCacheSpec, out_dir: Path) -> Path:
+        """The bucket's GE graph as `out_dir/<bucket>.air`, weights not inside.
+
+        torchair.dynamo_export would bake every weight into each `.air` as a
+        Const (or, past 1.8 GB, write raw weight files next to it): one copy
+        per bucket. This is the same export (torchair's export mode, the
+        same config dynamo_export sets) with no weight names given, so the
+        weights stay graph inputs, named after the model's parameters in
+        the graph's Data nodes, and bind to the artifact's one weights
+        file. The capture runs on the device the model and inputs are on.
+        """
         torchair = _torchair()
+        from torchair._ge_concrete_graph.fx2ge_converter import ExportSuccess
+
         prepare(model)
-        device = torch.device(device or self.device)
+        device = next(model.parameters()).device
         args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
-        with torch.no_grad():
-            torchair.dynamo_export(*args, model=model, export_path=str(out_dir),
-                                   export_name=bucket.name, dynamic=False,
-                                   config=compiler_config(torchair))
+        cfg = compiler_config(torchair)
+        cfg.export.export_mode = True
+        cfg.export.export_path_dir = str(out_dir)
+        cfg.export.export_name = bucket.name
+        cfg.export.weight_name = {}  # no weight becomes a Const
+        # RefData inputs for tensors written in place (the KV caches), as
+        # dynamo_export sets.
+        cfg.experimental_config.enable_ref_data = True
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
+                           fullgraph=True, dynamic=False)
+        try:
+            with torch.no_grad():
+                fn(*args)
+        except ExportSuccess:
+            pass
+        else:
+            raise RuntimeError(f"torchair did not export the {bucket.name} graph")
+        finally:
+            torch._dynamo.reset()
         return Path(out_dir) / f"{bucket.name}.air"
 
     def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             air = self.export_air(model, bucket, spec, Path(tmp))
             if not air.is_file():
-                raise RuntimeError(f"torchair.dynamo_export wrote no {air.name}")
+                raise RuntimeError(f"torchair's export wrote no {air.name}")
             os.replace(air, out_path)

@@ -145,7 +145,11 @@ def _check_cann_compat(optype, runtime_optional_inputs, runtime_optional_attrs) 
 
 
 def _export(serialized_graph: bytes, options: dict) -> None:
+    """Records the export and, as GE's exporter does, writes the graph to
+    `export_path_dir/export_name` (here: the serialized ModelDef as given)."""
     RECORD.exports.append((serialized_graph, dict(options)))
+    path = Path(options["export_path_dir"]) / options["export_name"]
+    path.write_bytes(serialized_graph)
 
 
 def _module(name: str, **attrs) -> types.ModuleType:

@@ -265,22 +265,107 @@ def test_ge_eager_numerics(cases, model, scheme, bucket_spec, one_thread):
         torch.testing.assert_close(a, e, rtol=0.03, atol=0.03 * e.abs().max().item())
 
 
-def test_air_export(cases):
-    """dynamo_export hands the whole bucket graph to GE's exporter (.air)."""
-    case = cases("llama-gqa", "w8a8")
-    model = copy.deepcopy(case.npu).to("meta")
-    harness.RECORD.clear()
-    with harness.torch_npu_standin():
-        case.backend.export_air(model, _bucket(("decode", 2, 1)), case.spec, "/nonexistent",
-                                device="meta")
-    torch._dynamo.reset()
-    assert len(harness.RECORD.exports) == 1
+def _air_graph(path):
     from torchair._ge_concrete_graph.ge_ir_pb2 import ModelDef
 
-    graph_bytes, options = harness.RECORD.exports[0]
-    types = {op.type for g in ModelDef.FromString(graph_bytes).graph for op in g.op}
-    assert {"FusedInferAttentionScore", "QuantBatchMatmulV3"} <= types
-    assert options["export_name"].startswith("decode")
+    return ModelDef.FromString(path.read_bytes()).graph[0]
+
+
+def test_air_export(cases, tmp_path):
+    """compile_bucket exports the bucket graph (.air) on CPU tensors, and the
+    weights stay graph inputs: no Const or FileConstant copy of them."""
+    case = cases("llama-gqa", "w8a8")
+    model = copy.deepcopy(case.npu)
+    harness.RECORD.clear()
+    out = tmp_path / "graphs" / "decode_b2.air"
+    out.parent.mkdir()
+    bucket = _bucket(("decode", 2, 1))
+    with harness.torch_npu_standin():
+        case.backend.compile_bucket(model, bucket, case.spec, out)
+    assert len(harness.RECORD.exports) == 1
+    _, options = harness.RECORD.exports[0]
+    assert options["export_name"] == f"{bucket.name}.air"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["decode_b2.air"]  # scratch gone
+    graph = _air_graph(out)
+    types = Counter(op.type for op in graph.op)
+    assert {"FusedInferAttentionScore", "QuantBatchMatmulV3", "DynamicQuant"} <= set(types)
+    assert not {"Const", "FileConstant"} & set(types) or all(
+        len(op.attr["value"].t.data) < 64 for op in graph.op if op.type == "Const"), types
+    # Every weight and every step input is a graph input.
+    n_weights = len(list(model.parameters()))
+    n_step = 6 + case.spec.num_layers
+    assert types["Data"] + types["RefData"] == n_weights + n_step
+
+
+class OffDeviceGe:
+    """GeBackend for the whole pipeline off-device (test-only): torchair
+    from the harness instead of torch_npu, the model loaded on CPU (the
+    real backend loads it on the NPU) and captured on a meta copy, and the
+    stand-in torch_npu only while torchair converts (transformers must not
+    see it)."""
+
+    def __new__(cls, cfg):
+        from aotllm.compiler.ge import GeBackend
+
+        class _OffDevice(GeBackend):
+            def check_available(self):
+                harness.install()
+
+            def load_device(self):
+                return torch.device("cpu")
+
+            def compile_bucket(self, model, *args):
+                # Captured on meta, which torchair places like the device
+                # (frozen weights, KV caches as RefData), as on an NPU host.
+                with harness.torch_npu_standin():
+                    super().compile_bucket(copy.deepcopy(model).to("meta"), *args)
+
+        return _OffDevice(cfg)
+
+
+@pytest.mark.parametrize("scheme", [None, "w8a16"])
+def test_compile_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatch, scheme):
+    """`aotllm compile --backend ge --device npu` through the whole pipeline."""
+    from safetensors import safe_open
+
+    from aotllm.compiler import backends
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+    from aotllm.graphs.manifest import Manifest
+    from aotllm.quantize.config import QuantConfig
+
+    monkeypatch.setitem(backends.BACKENDS, "ge", f"{__name__}:OffDeviceGe")
+    out = tmp_path / "a"
+    cfg = CompileConfig(
+        model=str(tiny_models.get("llama-gqa")), output=str(out), dtype="bfloat16",
+        backend="ge", device="npu", num_gpu_blocks_override=NUM_BLOCKS, max_model_len=32,
+        max_num_seqs=2, block_size=BLOCK, prefill_buckets=(16,), decode_batch_sizes=(1, 2),
+        context_buckets=(32,), quantization=QuantConfig(scheme) if scheme else None)
+    harness.RECORD.clear()
+    compile_artifact(cfg)
+    torch._dynamo.reset()
+    manifest = Manifest.read(out)
+    assert manifest.backend == "ge" and manifest.device == "npu"
+    assert manifest.backend_traits.num_blocks == NUM_BLOCKS
+    assert manifest.backend_traits.shared_weights
+    names = sorted(e.bucket.name for e in manifest.graphs)
+    assert len(names) == len(set(names)) == len(harness.RECORD.exports) == 3
+    graph_files = sorted(p.name for p in (out / "graphs").iterdir())
+    assert graph_files == sorted(f"{n}.air" for n in names)
+    # One weights file, the only tensor data in the artifact.
+    assert manifest.weights_file == "weights.safetensors"
+    with safe_open(str(out / manifest.weights_file), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    if scheme == "w8a16":  # int8 weights stored as [in, out], the NPU layout
+        w = stored["model.layers.0.mlp.down_proj.weight"]
+        assert w.dtype == torch.int8 and w.shape == (128, 64)
+    for entry in manifest.graphs:
+        graph = _air_graph(out / entry.file)
+        types = Counter(op.type for op in graph.op)
+        # Inputs: every stored weight, the 6 step inputs, the 2 KV caches.
+        assert types["Data"] + types["RefData"] == len(stored) + 6 + 2, types
+        assert types["FusedInferAttentionScore"] == 2
+        assert not any(op.type == "FileConstant" for op in graph.op)
 
 
 def test_cli_ge_fails_early_without_npu(llama_dir, tmp_path, capsys, restore_aotllm_logging):
