@@ -35,6 +35,10 @@ from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import BackendTraits
 from aotllm.models.npu_ops import NpuOps, to_npu_weight_layout
 
+# torchair's compiled-graph caches, one directory per bucket and KV size,
+# beside graphs/ (the pipeline keeps only graph files in graphs/).
+GE_CACHE_DIR = "ge_cache"
+
 NEEDS_ASCEND = (
     "--backend ge needs an Ascend host with torch_npu and CANN installed "
     "(pip install 'aotllm[ascend]' and source CANN's set_env.sh); on this host {why}. "
@@ -135,6 +139,7 @@ class GeBackend:
             )
         self.device = cfg.device
         self.num_blocks = cfg.num_gpu_blocks_override
+        self.output = Path(cfg.output)
 
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version
@@ -211,9 +216,50 @@ class GeBackend:
             torch._dynamo.reset()
         return Path(out_dir) / f"{bucket.name}.air"
 
+    def cache_dir(self, bucket: Bucket) -> Path:
+        """Where torchair's compiled-graph cache of `bucket` lives in the artifact.
+
+        torchair keys its cache by the module's repr and the compiler
+        options only (`CompiledModel.get_cache_bin`), not by input shapes:
+        with a changed KV-cache size it would load a graph built for the old
+        one (vllm-ascend's most reported cache bug). The directory adds the
+        bucket and the block count; torchair's own key goes below it."""
+        return self.output / GE_CACHE_DIR / f"{bucket.name}-kv{self.num_blocks}"
+
+    def cached(self, model, bucket: Bucket):
+        """`torchair.inference.cache_compile` of model.forward into the
+        bucket's cache dir (GE's own compile cache included); stale caches
+        of this bucket for another block count are removed first."""
+        import shutil
+
+        torchair = _torchair()
+        prepare(model)
+        target = self.cache_dir(bucket)
+        for old in target.parent.glob(f"{bucket.name}-kv*"):
+            if old != target:
+                shutil.rmtree(old)
+        target.mkdir(parents=True, exist_ok=True)
+        return torchair.inference.cache_compile(
+            model.forward, config=compiler_config(torchair), dynamic=False,
+            cache_dir=str(target), ge_cache=True)
+
+    def warm_cache(self, model, bucket: Bucket, spec: KVCacheSpec) -> None:
+        """Compiles the bucket through the cache once, so the artifact carries
+        the compiled graph (on an NPU host; off-device it stops where GE
+        compiles)."""
+        device = next(model.parameters()).device
+        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                self.cached(model, bucket)(*args)
+        finally:
+            torch._dynamo.reset()
+
     def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             air = self.export_air(model, bucket, spec, Path(tmp))
             if not air.is_file():
                 raise RuntimeError(f"torchair's export wrote no {air.name}")
             os.replace(air, out_path)
+        self.warm_cache(model, bucket, spec)

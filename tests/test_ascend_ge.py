@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,9 +317,15 @@ class OffDeviceGe:
 
             def compile_bucket(self, model, *args):
                 # Captured on meta, which torchair places like the device
-                # (frozen weights, KV caches as RefData), as on an NPU host.
+                # (frozen weights), as on an NPU host.
                 with harness.torch_npu_standin():
                     super().compile_bucket(copy.deepcopy(model).to("meta"), *args)
+
+            def warm_cache(self, *args):
+                # The cache is written once GE has compiled: here the
+                # double stops at GE compile, after torchair handed it the graph.
+                with pytest.raises(harness.NeedsCann):
+                    super().warm_cache(*args)
 
         return _OffDevice(cfg)
 
@@ -350,6 +357,11 @@ def test_compile_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatc
     assert manifest.backend_traits.shared_weights
     names = sorted(e.bucket.name for e in manifest.graphs)
     assert len(names) == len(set(names)) == len(harness.RECORD.exports) == 3
+    # Each bucket also went through torchair's cache_compile, into its own
+    # cache dir keyed by the KV size.
+    assert len(harness.RECORD.loads) == 3
+    assert sorted(p.name for p in (out / "ge_cache").iterdir()) == sorted(
+        f"{n}-kv{NUM_BLOCKS}" for n in names)
     graph_files = sorted(p.name for p in (out / "graphs").iterdir())
     assert graph_files == sorted(f"{n}.air" for n in names)
     # One weights file, the only tensor data in the artifact.
@@ -366,6 +378,42 @@ def test_compile_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatc
         assert types["Data"] + types["RefData"] == len(stored) + 6 + 2, types
         assert types["FusedInferAttentionScore"] == 2
         assert not any(op.type == "FileConstant" for op in graph.op)
+
+
+def test_ge_cache_keyed_by_kv_size(cases, tmp_path):
+    """torchair's cache_compile, per bucket, in a directory that includes the
+    KV block count: another block count never finds the old cache."""
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.ge import GeBackend
+
+    case = cases("llama-gqa", None)
+    bucket = _bucket(("decode", 2, 1))
+
+    def backend(num_blocks):
+        return GeBackend(CompileConfig(model="m", output=str(tmp_path), backend="ge",
+                                       device="npu", num_gpu_blocks_override=num_blocks))
+
+    a, b = backend(NUM_BLOCKS), backend(2 * NUM_BLOCKS)
+    assert a.cache_dir(bucket) != b.cache_dir(bucket)
+    assert f"kv{NUM_BLOCKS}" in a.cache_dir(bucket).name
+    # Each sees its own block count in the graph's KV inputs.
+    for be, nb in ((a, NUM_BLOCKS), (b, 2 * NUM_BLOCKS)):
+        harness.RECORD.clear()
+        model = copy.deepcopy(case.npu).to("meta")
+        with harness.torch_npu_standin(), pytest.raises(harness.NeedsCann):
+            be.warm_cache(model, bucket, case.spec)
+        assert len(harness.RECORD.loads) == 1
+        options = harness.RECORD.loads[0][1]
+        # torchair's own key (module + options) lies below our directory,
+        # and GE's compile cache is pointed there too.
+        cache = Path(options["ge.graph_compiler_cache_dir"])
+        assert cache.is_relative_to(be.cache_dir(bucket)), (cache, be.cache_dir(bucket))
+        kv = str(list(case.spec.layer_shape(nb))).replace(" ", "")
+        assert kv in options["ge.inputHintShape"].replace(" ", ""), options["ge.inputHintShape"]
+    # Warming b removed a's cache of the same bucket: a stale one is never kept.
+    assert not a.cache_dir(bucket).exists()
+    assert sorted(p.name for p in (tmp_path / "ge_cache").iterdir()) == [
+        b.cache_dir(bucket).name]
 
 
 def test_cli_ge_fails_early_without_npu(llama_dir, tmp_path, capsys, restore_aotllm_logging):
