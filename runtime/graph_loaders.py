@@ -96,6 +96,8 @@ class InductorLoader:
 # manifest backend -> "module:class", imported when an artifact names it.
 LOADERS: dict[str, str] = {
     "inductor": "aotllm.runtime.graph_loaders:InductorLoader",
+    # Ascend hosts only (imports torch_npu/torchair when an artifact names it).
+    "ge": "aotllm.runtime.ge_loader:GeLoader",
 }
 
 

@@ -378,6 +378,22 @@ def test_compile_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatc
         assert types["Data"] + types["RefData"] == len(stored) + 6 + 2, types
         assert types["FusedInferAttentionScore"] == 2
         assert not any(op.type == "FileConstant" for op in graph.op)
+    if scheme is None:
+        _check_not_loadable_here(out)
+
+
+def _check_not_loadable_here(out):
+    """A ge artifact on this host: clear ArtifactErrors, never a traceback
+    from inside torch (the loader is registered; its runtime is missing)."""
+    from aotllm.graphs.manifest import ArtifactError
+    from aotllm.runtime.artifact import load_artifact
+    from aotllm.runtime.graph_loaders import get_loader
+
+    with pytest.raises(ArtifactError, match="compiled for device 'npu'"):
+        load_artifact(out, torch.device("cpu"))
+    # On a CPU host with the harness's torchair importable but no torch_npu:
+    with pytest.raises(ArtifactError, match="run only on an Ascend NPU host with torch_npu"):
+        get_loader("ge").check_available(torch.device("cpu"))
 
 
 def test_ge_cache_keyed_by_kv_size(cases, tmp_path):
