@@ -132,11 +132,6 @@ class GeBackend:
         if supported_device_type(cfg.device) != "npu":
             raise ValueError(f"the ge backend compiles for an Ascend NPU (--device npu), "
                              f"not {cfg.device!r}")
-        if cfg.num_gpu_blocks_override is None:
-            raise ValueError(
-                "--backend ge builds static graphs for a fixed KV cache: pass "
-                "--num-gpu-blocks-override N (the serving host must allocate exactly N blocks)"
-            )
         self.device = cfg.device
         self.num_blocks = cfg.num_gpu_blocks_override
         self.output = Path(cfg.output)
@@ -150,7 +145,14 @@ class GeBackend:
             return "torch_npu-unknown"
 
     def check_available(self) -> None:
+        # The host first: on a machine without torch_npu that is the one
+        # thing to fix, whatever else the command line lacks.
         import_torchair()
+        if self.num_blocks is None:
+            raise ValueError(
+                "--backend ge builds static graphs for a fixed KV cache: pass "
+                "--num-gpu-blocks-override N (the serving host must allocate exactly N blocks)"
+            )
 
     def traits(self) -> BackendTraits:
         # The weights file is bound to each graph's frozen inputs at load time,

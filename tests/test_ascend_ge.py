@@ -435,11 +435,14 @@ def test_ge_cache_keyed_by_kv_size(cases, tmp_path):
         b.cache_dir(bucket).name]
 
 
-def test_cli_ge_fails_early_without_npu(llama_dir, tmp_path, capsys, restore_aotllm_logging):
+@pytest.mark.parametrize("flags", [[], ["--device", "npu", "--num-gpu-blocks-override", "64"]])
+def test_cli_ge_fails_early_without_npu(llama_dir, tmp_path, capsys, restore_aotllm_logging,
+                                        flags):
+    """The issue's command line as typed (`--backend ge` alone) and in full."""
     from aotllm.cli import main
 
     rc = main(["compile", str(llama_dir), "--output", str(tmp_path / "a"), "--backend", "ge",
-               "--device", "npu", "--num-gpu-blocks-override", "64"])
+               *flags])
     err = capsys.readouterr().err
     assert rc != 0
     assert "needs an Ascend host with torch_npu and CANN" in err
