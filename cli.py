@@ -187,7 +187,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     # An explicit device is the backend's to check (GE compiles for an NPU it
     # needs torch_npu for; Inductor for cuda needs a CUDA torch).
-    device = resolve_device("auto").type if args.device == "auto" else args.device
+    device = args.device
+    if device == "auto":
+        # GE graphs exist only for NPUs, ONNX graphs are exported on (and run
+        # by onnxruntime on) the CPU: those backends imply their device.
+        implied = {"ge": "npu", "onnx": "cpu"}.get(args.backend)
+        device = implied or resolve_device("auto").type
     cfg = CompileConfig(
         model=str(model), output=args.output, dtype=args.dtype, backend=args.backend,
         device=device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,

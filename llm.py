@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from aotllm.graphs.manifest import is_artifact_dir
+from aotllm.graphs.manifest import Manifest, is_artifact_dir
 from aotllm.logger import configure_logging
 from aotllm.models.checkpoint import is_checkpoint
 from aotllm.runtime.engine import LLMEngine, PromptType
@@ -135,6 +135,14 @@ class LLM:
 def resolve_model(args: EngineArgs) -> EngineArgs:
     """Points `args.model` at an artifact, compiling a checkpoint unless eager."""
     path = Path(args.model)
+    graph_mode = args.torchair_graph_config()
+    if graph_mode.enabled and is_artifact_dir(path):
+        backend = Manifest.read(path).backend
+        if backend != "ge":
+            raise ValueError(
+                f"torchair_graph_config is enabled but {path} holds {backend} graphs; "
+                "compile the checkpoint with --backend ge, or drop additional_config"
+            )
     if args.enforce_eager or is_artifact_dir(path) or not is_checkpoint(path):
         return args
     from aotllm.compiler.cache import cached_artifact
@@ -142,13 +150,21 @@ def resolve_model(args: EngineArgs) -> EngineArgs:
 
     from aotllm.quantize.config import QuantConfig
 
-    device = args.resolve_device()
     quant = QuantConfig(args.quantization) if args.quantization else None
-    cfg = CompileConfig(
-        model=str(path), output="", dtype=args.dtype, device=device.type,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        block_size=args.block_size, quantization=quant,
-    )
+    common = dict(model=str(path), output="", dtype=args.dtype, max_model_len=args.max_model_len,
+                  block_size=args.block_size, quantization=quant)
+    if graph_mode.enabled:
+        # vllm-ascend's TorchAir graph mode: GE graphs for the NPU, one per
+        # graph batch size, rebuilt on every start unless use_cached_graph.
+        sizes = graph_mode.graph_batch_sizes or None
+        max_num_seqs = graph_mode.max_num_seqs(args.max_num_seqs)
+        cfg = CompileConfig(**common, backend="ge", device="npu", max_num_seqs=max_num_seqs,
+                            decode_batch_sizes=sizes, reuse=graph_mode.use_cached_graph,
+                            num_gpu_blocks_override=args.num_gpu_blocks_override)
+        args = dataclasses.replace(args, max_num_seqs=max_num_seqs)
+    else:
+        cfg = CompileConfig(**common, device=args.resolve_device().type,
+                            max_num_seqs=args.max_num_seqs)
     artifact = cached_artifact(cfg)
     return dataclasses.replace(args, model=str(artifact), dtype="auto")
 

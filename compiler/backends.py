@@ -43,6 +43,10 @@ class GraphBackend(Protocol):
 
     def traits(self) -> BackendTraits: ...
 
+    # Optional: `load_device() -> torch.device`, where the pipeline loads the
+    # model for capture when that is not `torch.device(cfg.device)` (the GE
+    # backend: the NPU device type exists only once torch_npu is imported).
+
     def write_weights(self, model: "CausalLM", out_dir: Path) -> tuple[str, dict[str, str]]:
         """Store every weight once under `out_dir`, before any bucket compiles;
         returns (the file relative to `out_dir`, {alias: canonical} of tied tensors)."""
@@ -72,6 +76,7 @@ def check_quantization(backend: GraphBackend, scheme: str | None) -> None:
 BACKENDS = {
     "inductor": "aotllm.compiler.inductor:InductorBackend",
     "onnx": "aotllm.compiler.onnx:OnnxBackend",
+    "ge": "aotllm.compiler.ge:GeBackend",
 }
 
 

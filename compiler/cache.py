@@ -32,9 +32,12 @@ def cache_root() -> Path:
 
 
 def cached_artifact(cfg: CompileConfig) -> Path:
-    """The artifact for `cfg` (its `output` is ignored), compiled if not cached yet."""
+    """The artifact for `cfg` (its `output` is ignored), compiled if not cached yet
+    (or compiled afresh when `cfg.reuse` is False)."""
     source = open_checkpoint(cfg.model)
-    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "output")}
+    # `reuse` says whether to use what is cached, not what is compiled.
+    options = {k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("model", "output", "reuse")}
     if cfg.quantization is not None and cfg.quantization.calibration_data is not None:
         # The file's content, not its path, decides the calibrated scales.
         options["calibration_sha256"] = read_calibration_text(cfg.quantization.calibration_data).sha256
@@ -45,7 +48,7 @@ def cached_artifact(cfg: CompileConfig) -> Path:
     )
     key = hashlib.sha256(payload.encode()).hexdigest()[:24]
     out = cache_root() / f"{source.cache_name()}-{key}"
-    if is_artifact_dir(out):
+    if cfg.reuse and is_artifact_dir(out):
         try:
             Manifest.read(out)
             logger.info("Using cached artifact %s", out)

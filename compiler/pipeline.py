@@ -30,6 +30,7 @@ import aotllm
 from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
 from aotllm.graphs.buckets import Bucket, plan_buckets
+from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import (
     GRAPHS_DIR,
@@ -98,7 +99,12 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     out = Path(cfg.output)
     backend = get_backend(cfg)
     backend.check_available()
-    device = torch.device(cfg.device)
+    # The device the model is loaded on for capture: the target device,
+    # unless the backend says otherwise (GeBackend.load_device). The
+    # manifest records the target device type either way.
+    load_device = getattr(backend, "load_device", None)
+    device = load_device() if load_device is not None else torch.device(cfg.device)
+    device_type = supported_device_type(cfg.device)
 
     # Checked before loading (fail fast), and after for a pre-quantized
     # msModelSlim checkpoint, whose scheme is known only once it is read.
@@ -128,7 +134,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         "backend": backend.name,
         "backend_version": backend.version(),
         "backend_traits": backend.traits().to_dict(),
-        "device": device.type,
+        "device": device_type,
         "torch": torch.__version__,
         "source": source_hash(),
         "quantization": quant,
@@ -179,7 +185,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         backend=backend.name,
         backend_version=backend.version(),
         backend_traits=backend.traits(),
-        device=device.type,
+        device=device_type,
         torch_version=torch.__version__,
         kv_cache=spec.to_dict(),
         plan=plan.to_dict(),

@@ -29,15 +29,25 @@ class EngineArgs:
     # vLLM's `quantization`: a scheme of quantize/config.py (w8a16, w8a8,
     # w8a8_static) applied when a checkpoint is compiled or run eagerly.
     quantization: str | None = None
+    # vLLM's plugin options; aotllm reads vllm-ascend's torchair_graph_config
+    # (runtime/ascend_config.py), which selects the GE backend.
+    additional_config: dict | None = None
 
     def __post_init__(self) -> None:
         from aotllm.quantize.config import resolve_scheme
 
         object.__setattr__(self, "quantization", resolve_scheme(self.quantization))
+        self.torchair_graph_config()  # validates, with vllm-ascend's rules
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1"
             )
+
+    def torchair_graph_config(self):
+        from aotllm.runtime.ascend_config import TorchairGraphConfig
+
+        return TorchairGraphConfig.from_additional_config(self.additional_config,
+                                                          self.enforce_eager)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineArgs":

@@ -97,6 +97,8 @@ class InductorLoader:
 LOADERS: dict[str, str] = {
     "inductor": "aotllm.runtime.graph_loaders:InductorLoader",
     "onnx": "aotllm.runtime.onnx_loader:OnnxLoader",
+    # Ascend hosts only (imports torch_npu/torchair when an artifact names it).
+    "ge": "aotllm.runtime.ge_loader:GeLoader",
 }
 
 

@@ -57,9 +57,9 @@ class Spy:
             self.artifacts.append(cfg)
             return compile_fn(cfg)
 
-        def bucket_spy(backend, program, bucket, out_path):
+        def bucket_spy(backend, model, bucket, spec, out_path):
             self.buckets.append(bucket)
-            return bucket_fn(backend, program, bucket, out_path)
+            return bucket_fn(backend, model, bucket, spec, out_path)
 
         mp.setattr(cache, "compile_artifact", compile_spy)
         mp.setattr(InductorBackend, "compile_bucket", bucket_spy)

@@ -1,0 +1,267 @@
+"""torchair GE backend (`--backend ge`): frozen, static-shape GE graphs for Ascend.
+
+Per bucket the model (built with `NpuOps`) is captured by
+`torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
+fullgraph=True, dynamic=False)`; torchair converts the FX graph to GE IR.
+The artifact's graph file per bucket is torchair's export of that graph
+(`.air`, for GE or ATC offline deployment), with the weights left as graph
+inputs bound to the artifact's one weights file (`export_air`).
+
+GE graphs are fully static, so the KV block count is fixed at compile time
+(`CompileConfig.num_gpu_blocks_override`) and recorded in the backend traits,
+hence in every bucket's reuse key: a changed KV size recompiles instead of
+silently reusing graphs built for another cache size.
+
+Verified on a CPU-only host (tests/test_ascend_ge.py, torch-npu 2.13.0's
+torchair with its compiled modules replaced by test doubles): conversion to
+GE IR, the ops and options handed to GE, frozen weights, the `.air` export
+call, and numerics of the converted FX graph run eagerly. Not verified: GE
+compilation, kernels and speed (need an Ascend host with CANN).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from aotllm.compiler.export import example_inputs
+from aotllm.compiler.weights import write_safetensors
+from aotllm.graphs.buckets import Bucket
+from aotllm.graphs.devices import supported_device_type
+from aotllm.graphs.kv_cache import KVCacheSpec
+from aotllm.graphs.manifest import BackendTraits
+from aotllm.models.npu_ops import NpuOps, to_npu_weight_layout
+
+# torchair's compiled-graph caches, one directory per bucket and KV size,
+# beside graphs/ (the pipeline keeps only graph files in graphs/).
+GE_CACHE_DIR = "ge_cache"
+
+NEEDS_ASCEND = (
+    "--backend ge needs an Ascend host with torch_npu and CANN installed "
+    "(pip install 'aotllm[ascend]' and source CANN's set_env.sh); on this host {why}. "
+    "Use --backend inductor here, or --backend onnx and Ascend's ATC tool for offline models."
+)
+
+
+def import_torchair():
+    """torch_npu first (it puts torchair on the path and registers npu:: ops),
+    then torchair's own air:: attention op."""
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as e:  # ImportError, or OSError from missing CANN libraries
+        raise ValueError(NEEDS_ASCEND.format(why=f"import torch_npu failed: {e}")) from None
+    return _torchair()
+
+
+def _torchair():
+    import torchair
+    import torchair.ops._npu_fused_infer_attention_score  # noqa: F401  (registers air::)
+
+    return torchair
+
+
+def compiler_config(torchair, *, run_eagerly: bool = False):
+    """max-autotune (GE graphs) with frozen parameters, as vllm-ascend's
+    TorchAir graph mode ran by default (`enable_frozen_parameter`): weights
+    become constant-address inputs that GE can fold and skips per step."""
+    cfg = torchair.CompilerConfig()
+    cfg.mode = "max-autotune"
+    cfg.experimental_config.frozen_parameter = True
+    # The KV cache is written in the graph, not returned and copied back
+    # (torchair's default, stated because the runtime relies on it).
+    cfg.experimental_config.keep_inference_input_mutations = True
+    cfg.debug.run_eagerly = run_eagerly
+    return cfg
+
+
+def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
+                      device: torch.device, num_blocks: int) -> tuple:
+    """`example_inputs` with the KV caches at the artifact's fixed block count."""
+    args = list(example_inputs(bucket, spec, dtype, device))
+    args[-1] = [torch.zeros(spec.layer_shape(num_blocks), dtype=dtype, device=device)
+                for _ in range(spec.num_layers)]
+    return tuple(args)
+
+
+def freeze_buffers(model: torch.nn.Module) -> int:
+    """Re-registers every buffer as `nn.Parameter(requires_grad=False)` under
+    its own name; returns how many changed.
+
+    torchair's `frozen_parameter` freezes graph inputs that are nn.Parameters
+    (it checks the input's type); the quantized linears keep their int8
+    weights and scales as buffers, and `inv_freq` is one too, so without this
+    they would be per-step runtime inputs instead of constant-address ones.
+    Done here, not in quantize/: only this backend needs it. The names, hence
+    the weights file and its aliases, stay the same (the weights file lists
+    buffers and parameters alike); a tensor shared by several modules becomes
+    one Parameter, so ties stay ties.
+    """
+    made: dict[int, torch.nn.Parameter] = {}
+    changed = 0
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            param = made.get(id(buf))
+            if param is None:
+                param = made[id(buf)] = torch.nn.Parameter(buf, requires_grad=False)
+            del module._buffers[name]
+            module._non_persistent_buffers_set.discard(name)
+            module.register_parameter(name, param)
+            changed += 1
+    return changed
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """The weight layout the NPU ops read, then every constant frozen-able;
+    both idempotent, so every entry point calls it."""
+    to_npu_weight_layout(model)
+    freeze_buffers(model)
+
+
+class GeBackend:
+    name = "ge"
+    file_suffix = ".air"
+    quantization_schemes = frozenset({"w8a16", "w8a8", "w8a8_static"})
+    ops = NpuOps
+
+    def __init__(self, cfg):
+        if supported_device_type(cfg.device) != "npu":
+            raise ValueError(f"the ge backend compiles for an Ascend NPU (--device npu), "
+                             f"not {cfg.device!r}")
+        self.device = cfg.device
+        self.num_blocks = cfg.num_gpu_blocks_override
+        self.output = Path(cfg.output)
+
+    def version(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"torch_npu-{version('torch_npu')}"
+        except PackageNotFoundError:
+            return "torch_npu-unknown"
+
+    def check_available(self) -> None:
+        # The host first: on a machine without torch_npu that is the one
+        # thing to fix, whatever else the command line lacks.
+        import_torchair()
+        if self.num_blocks is None:
+            raise ValueError(
+                "--backend ge builds static graphs for a fixed KV cache: pass "
+                "--num-gpu-blocks-override N (the serving host must allocate exactly N blocks)"
+            )
+
+    def traits(self) -> BackendTraits:
+        # The weights file is bound to each graph's frozen inputs at load time,
+        # one copy for all buckets.
+        return BackendTraits(kv_in_place=True, num_blocks=self.num_blocks, shared_weights=True)
+
+    def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
+        # Weights are stored in the layout the graphs read (int8 as [in, out]).
+        prepare(model)
+        return write_safetensors(model, out_dir)
+
+    def compiled(self, model, *, run_eagerly: bool = False):
+        """The torch.compile'd model for one bucket's static shapes."""
+        torchair = _torchair()
+        prepare(model)
+        cfg = compiler_config(torchair, run_eagerly=run_eagerly)
+        return torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
+                             fullgraph=True, dynamic=False)
+
+    def load_device(self) -> torch.device:
+        """Where the pipeline loads the model for capture: the NPU itself.
+        torchair freezes only inputs it sees on the device (CPU tensors
+        become host inputs), and the cache needs a real compile. Valid once
+        check_available has imported torch_npu (it adds the device type)."""
+        return torch.device(self.device)
+
+    def export_air(self, model, bucket: Bucket, spec: KVCacheSpec, out_dir: Path) -> Path:
+        """The bucket's GE graph as `out_dir/<bucket>.air`, weights not inside.
+
+        torchair.dynamo_export would bake every weight into each `.air` as a
+        Const (or, past 1.8 GB, write raw weight files next to it): one copy
+        per bucket. This is the same export (torchair's export mode, the
+        same config dynamo_export sets) with no weight names given, so the
+        weights stay graph inputs, named after the model's parameters in
+        the graph's Data nodes, and bind to the artifact's one weights
+        file. The capture runs on the device the model and inputs are on.
+        """
+        torchair = _torchair()
+        from torchair._ge_concrete_graph.fx2ge_converter import ExportSuccess
+
+        prepare(model)
+        device = next(model.parameters()).device
+        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        cfg = compiler_config(torchair)
+        cfg.export.export_mode = True
+        cfg.export.export_path_dir = str(out_dir)
+        cfg.export.export_name = bucket.name
+        cfg.export.weight_name = {}  # no weight becomes a Const
+        # RefData inputs for tensors written in place (the KV caches), as
+        # dynamo_export sets.
+        cfg.experimental_config.enable_ref_data = True
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend=torchair.get_npu_backend(compiler_config=cfg),
+                           fullgraph=True, dynamic=False)
+        try:
+            with torch.no_grad():
+                fn(*args)
+        except ExportSuccess:
+            pass
+        else:
+            raise RuntimeError(f"torchair did not export the {bucket.name} graph")
+        finally:
+            torch._dynamo.reset()
+        return Path(out_dir) / f"{bucket.name}.air"
+
+    def cache_dir(self, bucket: Bucket) -> Path:
+        """Where torchair's compiled-graph cache of `bucket` lives in the artifact.
+
+        torchair keys its cache by the module's repr and the compiler
+        options only (`CompiledModel.get_cache_bin`), not by input shapes:
+        with a changed KV-cache size it would load a graph built for the old
+        one (vllm-ascend's most reported cache bug). The directory adds the
+        bucket and the block count; torchair's own key goes below it."""
+        return self.output / GE_CACHE_DIR / f"{bucket.name}-kv{self.num_blocks}"
+
+    def cached(self, model, bucket: Bucket):
+        """`torchair.inference.cache_compile` of model.forward into the
+        bucket's cache dir (GE's own compile cache included); stale caches
+        of this bucket for another block count are removed first."""
+        import shutil
+
+        torchair = _torchair()
+        prepare(model)
+        target = self.cache_dir(bucket)
+        for old in target.parent.glob(f"{bucket.name}-kv*"):
+            if old != target:
+                shutil.rmtree(old)
+        target.mkdir(parents=True, exist_ok=True)
+        return torchair.inference.cache_compile(
+            model.forward, config=compiler_config(torchair), dynamic=False,
+            cache_dir=str(target), ge_cache=True)
+
+    def warm_cache(self, model, bucket: Bucket, spec: KVCacheSpec) -> None:
+        """Compiles the bucket through the cache once, so the artifact carries
+        the compiled graph (on an NPU host; off-device it stops where GE
+        compiles)."""
+        device = next(model.parameters()).device
+        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                self.cached(model, bucket)(*args)
+        finally:
+            torch._dynamo.reset()
+
+    def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+            air = self.export_air(model, bucket, spec, Path(tmp))
+            if not air.is_file():
+                raise RuntimeError(f"torchair's export wrote no {air.name}")
+            os.replace(air, out_path)
+        self.warm_cache(model, bucket, spec)

@@ -1,0 +1,96 @@
+"""Runtime loader for `--backend ge` artifacts, on Ascend hosts only.
+
+UNVERIFIED: written without Ascend hardware; nothing below has run on an NPU.
+This is the one loader that imports torch_npu and torchair: GE graphs run
+through torchair, which is this backend's runtime, so the serving host needs
+torch_npu (with torchair inside it) and CANN. Elsewhere `check_available`
+raises ArtifactError saying so, before anything is loaded.
+
+How it runs a bucket: the model is rebuilt from the manifest with NpuOps,
+its parameters bound to the artifact's one copy of the weights (no copy),
+and `model.forward` goes through torchair's `cache_compile` with the
+bucket's cache directory (`ge_cache/<bucket>-kv<num_blocks>`, written at
+compile time), so a cached graph loads instead of recompiling, and a KV
+size other than the compiled one is refused rather than silently reused.
+The `.air` files are for offline deployment (GE/ATC), not read here.
+Quantized GE artifacts are not loaded yet (their module skeleton must be
+rebuilt from the manifest's quantization record first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aotllm.graphs.manifest import ArtifactError
+from aotllm.runtime.graph_loaders import GraphFn, read_safetensors
+
+NEEDS_TORCH_NPU = (
+    "this artifact holds GE graphs (--backend ge), which run only on an Ascend NPU "
+    "host with torch_npu and CANN (pip install 'aotllm[ascend]', source CANN's "
+    "set_env.sh); here {why}. Recompile the model with --backend inductor to serve it "
+    "on this host."
+)
+
+
+class GeLoader:
+    backend = "ge"
+
+    def __init__(self) -> None:
+        self._model = None  # one model for every bucket: one copy of the weights
+
+    def check_available(self, device: torch.device) -> None:
+        try:
+            import torch_npu  # noqa: F401
+            import torchair  # noqa: F401
+        except Exception as e:  # ImportError, or OSError from missing CANN libraries
+            raise ArtifactError(NEEDS_TORCH_NPU.format(why=f"import torch_npu failed: {e}")) from None
+        if device.type != "npu":
+            raise ArtifactError(NEEDS_TORCH_NPU.format(why=f"the device is {device.type}"))
+
+    def read_weights(self, artifact_dir: Path, manifest, device: torch.device):
+        return read_safetensors(artifact_dir / manifest.weights_file, device)
+
+    def _bound_model(self, manifest, constants: dict[str, torch.Tensor], device: torch.device):
+        if self._model is not None:
+            return self._model
+        if manifest.quantization is not None:
+            raise ArtifactError("loading quantized GE artifacts is not implemented yet; "
+                                "recompile without --quantization")
+        from aotllm.compiler.ge import prepare
+        from aotllm.models.config import ModelConfig
+        from aotllm.models.decoder import CausalLM
+        from aotllm.models.npu_ops import NpuOps
+
+        dtype = getattr(torch, manifest.dtype)
+        with torch.device("meta"):
+            model = CausalLM(ModelConfig.from_hf_dict(manifest.model_config), dtype, NpuOps)
+        prepare(model)  # the compile-time names: buffers as frozen Parameters
+        state = {name: constants[name] for name, _ in
+                 model.named_parameters(remove_duplicate=False)}
+        model.load_state_dict(state, strict=True, assign=True)
+        self._model = model.eval()
+        return model
+
+    def load_graph(self, path: Path, bucket, device: torch.device,
+                   constants: dict[str, torch.Tensor], manifest) -> GraphFn:
+        from aotllm.compiler.ge import GE_CACHE_DIR, _torchair, compiler_config
+
+        model = self._bound_model(manifest, constants, device)
+        num_blocks = manifest.backend_traits.num_blocks
+        cache = path.parent.parent / GE_CACHE_DIR / f"{bucket.name}-kv{num_blocks}"
+        if not cache.is_dir():
+            raise ArtifactError(f"{cache} is missing: the artifact has no compiled-graph "
+                                f"cache for {bucket.name} at {num_blocks} KV blocks; recompile it")
+        torchair = _torchair()
+        fn = torchair.inference.cache_compile(
+            model.forward, config=compiler_config(torchair), dynamic=False,
+            cache_dir=str(cache), ge_cache=True)
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            # input_ids .. query_lens, then one KV cache per layer.
+            with torch.no_grad():
+                return [fn(*inputs[:6], list(inputs[6:]))]
+
+        return run
