@@ -33,8 +33,13 @@ class CompletionLogprobs:
             text = _text(self.tokenizer, tid, step[tid])
             tokens.append(text)
             token_logprobs.append(_lp(step[tid].logprob))
-            # The sampled token and the top-k, as vLLM reports them.
-            top.append({_text(self.tokenizer, t, lp): _lp(lp.logprob) for t, lp in step.items()})
+            # The sampled token and the top-k, as vLLM reports them. Tokens
+            # that decode alike (byte pieces all show as U+FFFD) share a key:
+            # the more likely one keeps it.
+            entries: dict[str, float] = {}
+            for t, lp in sorted(step.items(), key=lambda item: -item[1].logprob):
+                entries.setdefault(_text(self.tokenizer, t, lp), _lp(lp.logprob))
+            top.append(entries)
             offsets.append(self.offset)
             self.offset += len(text)
         return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens,
