@@ -1,7 +1,8 @@
 """The OpenAI-compatible server, live on loopback, driven by the official client.
 
 Two servers run in subprocesses over the tiny eager Llama: the main one
-(API key, small body limit) and a small one (2 running, 2 waiting) for the
+(`python -m aotllm.runtime.entrypoints.openai.api_server`; API key, small
+body limit) and a small one (`aotllm serve`; 2 running, 2 waiting) for the
 queue limit and SIGTERM. References are the in-process `LLM` on the same
 checkpoint with the same settings, and the tokenizer's own counts.
 """
@@ -41,16 +42,18 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path, *flags: str) -> None:
+    def __init__(self, model: Path, log: Path, *flags: str, cli: bool = False) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(REPO.parent), os.environ.get("PYTHONPATH", "")])}
         env.pop("AOTLLM_API_KEY", None)
         self.log = log
+        # vLLM's module spelling, or `aotllm serve MODEL`.
+        entry = (["-m", "aotllm.cli", "serve", str(model)] if cli else
+                 ["-m", "aotllm.runtime.entrypoints.openai.api_server", "--model", str(model)])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aotllm.runtime.entrypoints.openai.api_server",
-             "--model", str(model), "--port", str(self.port), "--enforce-eager",
+            [sys.executable, *entry, "--port", str(self.port), "--enforce-eager",
              "--dtype", "float32", "--block-size", "4", "--max-model-len", str(MAX_LEN),
              "--seed", "0", "--uvicorn-log-level", "warning", *flags],
             cwd=REPO.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -467,7 +470,7 @@ def test_official_client_error_classes(server, client):
 @pytest.fixture(scope="module")
 def small_server(llama_dir, tmp_path_factory):
     srv = Server(llama_dir, tmp_path_factory.mktemp("server") / "small.log",
-                 "--max-num-seqs", "2", "--max-waiting-requests", "2")
+                 "--max-num-seqs", "2", "--max-waiting-requests", "2", cli=True)
     yield srv
     srv.stop()
 
