@@ -33,6 +33,8 @@ MAX_LEN = 512
 ENGINE = dict(enforce_eager=True, dtype="float32", block_size=4, max_model_len=MAX_LEN,
               max_num_seqs=16, seed=0)
 BODY_LIMIT = 64 * 1024
+EAGER_FLAGS = ("--enforce-eager", "--dtype", "float32", "--block-size", "4",
+               "--max-model-len", str(MAX_LEN))
 
 
 def _free_port() -> int:
@@ -42,7 +44,8 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path, *flags: str, cli: bool = False) -> None:
+    def __init__(self, model: Path, log: Path, *flags: str, cli: bool = False,
+                 engine_flags: tuple[str, ...] = EAGER_FLAGS) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -53,9 +56,8 @@ class Server:
         entry = (["-m", "aotllm.cli", "serve", str(model)] if cli else
                  ["-m", "aotllm.runtime.entrypoints.openai.api_server", "--model", str(model)])
         self.proc = subprocess.Popen(
-            [sys.executable, *entry, "--port", str(self.port), "--enforce-eager",
-             "--dtype", "float32", "--block-size", "4", "--max-model-len", str(MAX_LEN),
-             "--seed", "0", "--uvicorn-log-level", "warning", *flags],
+            [sys.executable, *entry, "--port", str(self.port), "--seed", "0",
+             "--uvicorn-log-level", "warning", *engine_flags, *flags],
             cwd=REPO.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -532,3 +534,40 @@ def test_sigterm_during_load_exits_zero(small_server):
         if v[0] == 200:
             assert v[1] == "[DONE]" and v[2] == 200
     assert any(v[0] == 200 for v in out.values())
+
+
+# -- a compiled artifact -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_artifact_serves_like_llm(artifacts, tmp_path, one_thread):
+    artifact = artifacts.get("llama-gqa", "float32")
+    ref_llm = LLM(str(artifact), seed=0)
+    prompts = [" ".join(["tok"] * k) for k in (1, 5, 20, 40, 3, 12)]
+    max_tokens = [30, 8, 17, 25, 40, 11]
+    refs = ref_llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m,
+                                                     ignore_eos=True) for m in max_tokens],
+                            use_tqdm=False)
+    srv = Server(artifact, tmp_path / "compiled.log", "--served-model-name", "tiny",
+                 engine_flags=())
+    try:
+        aclient = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+
+        async def one(p: str, m: int) -> str:
+            stream = await aclient.completions.create(
+                model="tiny", prompt=p, max_tokens=m, temperature=0, stream=True,
+                extra_body={"ignore_eos": True})
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        async def burst():
+            try:
+                return await asyncio.gather(*(one(p, m) for p, m in zip(prompts, max_tokens)))
+            finally:
+                await aclient.close()
+
+        texts = asyncio.run(burst())
+        assert texts == [r.outputs[0].text for r in refs]
+        kv = _kv(srv)
+        assert kv["num_used_blocks"] == 0 and kv["num_unfinished_requests"] == 0
+    finally:
+        assert srv.stop() == 0, srv.tail()
