@@ -85,22 +85,32 @@ def test_abandoned_stream_is_aborted(llm):
 
 
 def test_waiting_queue_bound_and_bad_input(llm):
+    sched = llm.llm_engine.scheduler
+
     async def main():
         engine = AsyncLLM(llm.llm_engine, max_waiting_requests=3)
         engine.start()
         try:
-            # Queued in one go, before the engine thread can schedule any.
-            streams = [engine.add_request(f"q{i}", "Hello", _params(20)) for i in range(3)]
+            # Fill the running batch (max_num_seqs=4) with long requests, so
+            # the next ones stay waiting.
+            running = []
+            for i in range(4):  # one at a time: queued ones count as waiting too
+                running.append(engine.add_request(f"r{i}", "Hello", _params(100)))
+                while sched.num_running <= i:
+                    await asyncio.sleep(0.001)
+            waiting = [engine.add_request(f"w{i}", "Hello", _params(5)) for i in range(3)]
             with pytest.raises(QueueFullError, match="max-waiting-requests"):
-                engine.add_request("q3", "Hello", _params(20))
+                engine.add_request("w3", "Hello", _params(5))
             with pytest.raises(ValueError, match="maximum model length"):
                 engine.add_request("long", {"prompt_token_ids": [5] * 200}, _params(2))
             with pytest.raises(ValueError, match="n must be 1"):
                 engine.add_request("n", "Hello", SamplingParams(n=2, temperature=0))
-            for s in streams:
+            for s in running + waiting:
                 async for _ in s:
                     pass
-            assert all(s.finished for s in streams)
+            assert all(s.finished for s in running + waiting)
+            # Room again once the queue drained.
+            assert len(await _collect(engine, "later", "Hello", _params(3))) == 3
         finally:
             await engine.shutdown()
 

@@ -63,7 +63,7 @@ class OpenAIBaseModel(BaseModel):
         """400 for an OpenAI field we do not implement, unless it has its neutral value."""
         for name, neutral in fields.items():
             value = getattr(self, name, None)
-            if value is not None and value != neutral and value not in (neutral,):
+            if value is not None and value != neutral:
                 raise OpenAIError(f"'{name}' is not supported by this server; leave it out",
                                   param=name)
 
@@ -149,17 +149,38 @@ class DetokenizeRequest(OpenAIBaseModel):
     tokens: list[int]
 
 
+def _field_path(loc: tuple) -> list[str]:
+    """The field path of an error location, without the union member tags
+    pydantic adds (`prompt.list[int].0` -> `prompt.0`)."""
+    path = []
+    for part in loc:
+        if isinstance(part, int):
+            path.append(str(part))
+        elif part.isidentifier() and part not in _TYPE_TAGS:
+            path.append(part)
+    return path
+
+
+_UNION_HINTS = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "a string or a list of strings",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
+
+
 def describe_validation_error(exc) -> tuple[str, str | None]:
-    """One readable line (and the offending field) from a pydantic ValidationError."""
+    """One readable line (and the offending top-level field) from a pydantic ValidationError."""
     errors = exc.errors(include_url=False)
     if not errors:
         return "invalid request body", None
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('msg', '')}", None
-    loc = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-",)))
-    # Union members add their type name to the location; keep the field path.
-    msg = first.get("msg", "invalid value")
-    where = loc or "body"
-    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-    return f"{where}: {msg}{more}", (loc.split(".")[0] if loc else None)
+    path = _field_path(tuple(first.get("loc", ())))
+    if path and path[0] in _UNION_HINTS and first.get("type") != "missing":
+        # A union's errors name each member in turn; say what the field accepts.
+        return f"{path[0]} must be {_UNION_HINTS[path[0]]}", path[0]
+    where = ".".join(path) or "request body"
+    fields = {tuple(_field_path(tuple(e.get("loc", ())))[:1]) for e in errors}
+    more = " (and errors in other fields)" if len(fields) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid value')}{more}", (path[0] if path else None)
