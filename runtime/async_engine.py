@@ -216,10 +216,15 @@ class AsyncLLM:
             except Exception:  # metrics must never stop serving
                 logger.exception("stats callback failed")
 
+    def _call_in_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed under us (process exit): nobody listens
+            pass
+
     def _post(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         # One callback per step, not per request: fewer wake-ups of the loop.
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._dispatch, items)
+        self._call_in_loop(self._dispatch, items)
 
     def _post_all(self, error: BaseException) -> None:
         def fail_all() -> None:
@@ -227,8 +232,7 @@ class AsyncLLM:
                 stream.put(error)
             self._streams.clear()
 
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(fail_all)
+        self._call_in_loop(fail_all)
 
     def _dispatch(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         for rid, item in items:

@@ -571,3 +571,22 @@ def test_compiled_artifact_serves_like_llm(artifacts, tmp_path, one_thread):
         assert kv["num_used_blocks"] == 0 and kv["num_unfinished_requests"] == 0
     finally:
         assert srv.stop() == 0, srv.tail()
+
+
+def test_server_flags(monkeypatch, capsys):
+    import argparse
+
+    from aotllm.cli import main
+    from aotllm.runtime.entrypoints.openai.cli_args import add_server_args, engine_kwargs
+
+    monkeypatch.setenv("AOTLLM_API_KEY", "from-env")
+    parser = argparse.ArgumentParser()
+    add_server_args(parser, model_positional=True)
+    args = parser.parse_args(["m", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.5"])
+    assert args.api_key == "from-env" and args.host == "127.0.0.1" and args.port == 8000
+    assert engine_kwargs(args) == {"dtype": "auto", "device": "auto", "enforce_eager": False,
+                                   "max_num_seqs": 4, "gpu_memory_utilization": 0.5}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--gpu-memory-utilization", "1.5"])
+    assert main(["serve", "--help"]) == 0
+    assert "--max-waiting-requests" in capsys.readouterr().out
