@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import signal
 import sys
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -151,7 +149,8 @@ def build_app(args: argparse.Namespace, engine: AsyncLLM, metrics: ServerMetrics
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return JSONResponse(OpenAIError(str(exc.errors()[:1])).body(), status_code=400)
+        message, param = describe_validation_error(exc)
+        return JSONResponse(OpenAIError(message, param=param).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False
 
 
-NonNegInt = Annotated[int, Field(ge=0)]
 StopType = str | list[str] | None
 
 
@@ -169,8 +168,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-py
 
 
 def describe_validation_error(exc) -> tuple[str, str | None]:
-    """One readable line (and the offending top-level field) from a pydantic ValidationError."""
-    errors = exc.errors(include_url=False)
+    """One readable line (and the offending top-level field) from a validation error."""
+    # pydantic's ValidationError, or FastAPI's RequestValidationError (no kwargs).
+    errors = list(exc.errors())
     if not errors:
         return "invalid request body", None
     first = errors[0]
