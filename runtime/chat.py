@@ -64,8 +64,8 @@ def apply_chat_template(
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "the tokenizer has no chat template; pass chat_template= or send a plain "
-            "completion instead"
+            "the tokenizer has no chat template; pass chat_template=, or send plain "
+            "completions (LLM.generate, /v1/completions)"
         )
     if add_generation_prompt and continue_final_message:
         raise ValueError("add_generation_prompt and continue_final_message cannot both be true")

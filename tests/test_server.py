@@ -188,6 +188,14 @@ def test_streaming_equals_non_streaming(client):
     assert text == full.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
 
+    # vLLM's continuous_usage_stats: the running count on every chunk.
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, **GREEDY))
+    counts = [c.usage.completion_tokens for c in chunks[1:]]
+    assert counts == sorted(counts) and counts[-1] == 12
+    assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks[1:])
+
 
 def test_raw_sse_ends_with_done(server):
     body = {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "stream": True}

@@ -80,6 +80,14 @@ class OpenAIServingChat(OpenAIServing):
                         "model": model, "choices": choices, **extra})
 
         completion_tokens = 0
+        opts = req.stream_options
+
+        def running_usage() -> dict[str, Any]:
+            # vLLM's continuous_usage_stats: the usage so far on every chunk.
+            if opts and opts.include_usage and opts.continuous_usage_stats:
+                return {"usage": usage(prompt_len, completion_tokens)}
+            return {}
+
         try:
             # The role comes first, once per choice, as OpenAI sends it.
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -99,7 +107,7 @@ class OpenAIServingChat(OpenAIServing):
                                     "finish_reason": c.finish_reason,
                                     "stop_reason": c.stop_reason})
                 if choices:
-                    yield chunk(choices)
+                    yield chunk(choices, **running_usage())
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], usage=usage(prompt_len, completion_tokens))
         except OpenAIError as e:

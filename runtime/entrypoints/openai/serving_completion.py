@@ -94,6 +94,13 @@ class OpenAIServingCompletion(OpenAIServing):
         completion_tokens = 0
         logprobs: dict[int, CompletionLogprobs] = {}
         echoed: set[int] = set()
+        opts = req.stream_options
+
+        def running_usage() -> dict[str, Any]:
+            # vLLM's continuous_usage_stats: the usage so far on every chunk.
+            if opts and opts.include_usage and opts.continuous_usage_stats:
+                return {"usage": usage(sum(prompt_lens), completion_tokens)}
+            return {}
 
         def chunk(choices: list[dict[str, Any]], **extra) -> str:
             return sse({"id": request_id, "object": "text_completion", "created": created,
@@ -119,7 +126,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                     "finish_reason": c.finish_reason,
                                     "stop_reason": c.stop_reason})
                 if choices:
-                    yield chunk(choices)
+                    yield chunk(choices, **running_usage())
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], usage=usage(sum(prompt_lens), completion_tokens))
         except OpenAIError as e:
