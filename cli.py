@@ -1,4 +1,4 @@
-"""The `aotllm` console script: `aotllm compile`, `aotllm generate`, `aotllm eval-ppl`.
+"""The `aotllm` console script: `aotllm compile`, `generate`, `eval-ppl`, `serve`.
 
 Flag names follow vLLM's (`--max-model-len`, `--max-num-seqs`, ...). torch,
 the compiler and the runtime are imported inside the subcommands, so
@@ -142,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(e)
     _add_debug(e)
     e.set_defaults(func=cmd_eval_ppl)
+
+    from aotllm.runtime.entrypoints.openai.cli_args import add_server_args  # argparse only
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible server (/v1/completions, "
+                                   "/v1/chat/completions, ...) with vLLM's flags. A checkpoint "
+                                   "is compiled into the cache first unless --enforce-eager.")
+    add_server_args(s, model_positional=True)
+    _add_debug(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -285,6 +295,16 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from aotllm.runtime.entrypoints.openai.api_server import run_server
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra dependencies ({e.name} is missing): "
+                         "pip install 'aotllm[serve]'") from None
+
+    return run_server(args)
+
+
 def setup_logging() -> None:
     """vLLM-style INFO lines on stderr for aotllm's own loggers."""
     root = logging.getLogger("aotllm")
@@ -306,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own usage error (exit 2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    return run_parsed(args)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Runs `args.func(args)` with aotllm's logging; user errors become one line."""
     setup_logging()
     debug = getattr(args, "debug", False) or os.environ.get("AOTLLM_DEBUG", "") not in ("", "0")
 

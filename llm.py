@@ -20,6 +20,7 @@ from tqdm import tqdm
 from aotllm.graphs.manifest import Manifest, is_artifact_dir
 from aotllm.logger import configure_logging
 from aotllm.models.checkpoint import is_checkpoint
+from aotllm.runtime.chat import apply_chat_template
 from aotllm.runtime.engine import LLMEngine, PromptType
 from aotllm.runtime.engine_args import EngineArgs
 from aotllm.runtime.outputs import RequestOutput
@@ -79,24 +80,13 @@ class LLM:
         if not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        tokenizer = self.get_tokenizer()
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "the tokenizer has no chat template; pass chat_template= or use generate()"
-            )
         prompts = []
         for conv in conversations:
-            # The template writes the special tokens itself, so none are added again.
-            ids = tokenizer.apply_chat_template(
-                conv,
-                chat_template=chat_template,
+            text, ids = apply_chat_template(
+                self.get_tokenizer(), conv, chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                tokenize=True,
-                return_dict=False,
-            )
-            text = tokenizer.decode(ids)
-            prompts.append({"prompt": text, "prompt_token_ids": list(ids)})
+                continue_final_message=continue_final_message)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(

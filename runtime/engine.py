@@ -1,21 +1,26 @@
-"""LLMEngine: the step loop under `LLM` (vLLM's add_request / step / abort_request).
+"""LLMEngine: vLLM's add_request / step / abort_request over the engine core.
 
-The engine turns prompts into `Request`s, drives scheduler -> runner ->
-scheduler.update each step, detokenizes incrementally, applies stop strings,
-and assembles vLLM's `RequestOutput`s. `n > 1` fans out into one child request
-per sample (as vLLM V1 does) and is reported as one output.
+Three parts, each usable on its own: `process_inputs` turns a prompt into a
+validated `EngineRequest` (tokenized; thread-safe, touches no engine state),
+the `EngineCore` schedules and runs the model, and the `OutputProcessor`
+turns sampled tokens into text and `RequestOutput`s. `LLM` drives this engine
+directly; the async server (runtime/async_engine.py) calls `process_inputs`
+on its event loop and everything else on its engine thread. `n > 1` fans out
+into one child request per sample (as vLLM V1 does) and is reported as one
+output.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from aotllm.runtime.detokenizer import IncrementalDetokenizer
-from aotllm.runtime.model_runner import ModelRunner, SampledToken
-from aotllm.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from aotllm.runtime.engine_core import EngineCore, SchedulerStats
+from aotllm.runtime.model_runner import ModelRunner
+from aotllm.runtime.output_processor import IterationStats, OutputProcessor
+from aotllm.runtime.outputs import RequestOutput
 from aotllm.runtime.request import Request, RequestStatus
 from aotllm.runtime.sampling_params import SamplingParams
 from aotllm.runtime.scheduler import Scheduler
@@ -25,24 +30,15 @@ logger = logging.getLogger(__name__)
 PromptType = str | dict[str, Any] | list[int]
 
 
-@dataclass
-class _Sample:
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    logprobs: list[dict[int, Logprob]] | None
-    cumulative_logprob: float | None
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request that passed validation, ready for `add_processed_request`."""
 
-
-@dataclass
-class _Group:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    samples: list[_Sample] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.request.status.finished for s in self.samples)
+    params: SamplingParams
+    arrival_time: float
 
 
 class LLMEngine:
@@ -55,14 +51,14 @@ class LLMEngine:
         max_model_len: int,
         vocab_size: int,
     ):
-        self.runner = runner
-        self.scheduler = scheduler
+        self.engine_core = EngineCore(runner, scheduler)
+        self.output_processor = OutputProcessor(tokenizer)
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self._groups: dict[str, _Group] = {}
-        self._child_to_group: dict[str, str] = {}
+        # The last step's figures, for whoever exports metrics.
+        self.last_iteration_stats: IterationStats | None = None
 
     @classmethod
     def from_engine_args(cls, args) -> "LLMEngine":
@@ -70,7 +66,15 @@ class LLMEngine:
 
         return build_engine(args)
 
-    # -- requests -----------------------------------------------------------
+    @property
+    def runner(self) -> ModelRunner:
+        return self.engine_core.runner
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine_core.scheduler
+
+    # -- inputs (thread-safe) -----------------------------------------------
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -105,15 +109,14 @@ class LLMEngine:
                 "smaller than the number of text tokens, or shorten the prompt."
             )
 
-    def add_request(
+    def process_inputs(
         self,
         request_id: str,
         prompt: PromptType,
         params: SamplingParams,
         arrival_time: float | None = None,
-    ) -> None:
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    ) -> EngineRequest:
+        """Tokenizes and validates; raises ValueError / TypeError for bad input."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.prompt_logprobs is not None:
@@ -121,117 +124,67 @@ class LLMEngine:
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
         arrival_time = time.time() if arrival_time is None else arrival_time
-        group = _Group(request_id, text, token_ids)
-        for i in range(params.n):
+        return EngineRequest(request_id, text, token_ids, params, arrival_time)
+
+    # -- requests (the engine's thread) ---------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.add_processed_request(self.process_inputs(request_id, prompt, params, arrival_time))
+
+    def add_processed_request(self, request: EngineRequest) -> None:
+        rid, params = request.request_id, request.params
+        if self.output_processor.has_request(rid):
+            raise ValueError(f"request id {rid!r} is already in use")
+        child_ids = [rid] if params.n == 1 else [f"{i}_{rid}" for i in range(params.n)]
+        self.output_processor.add_request(rid, request.prompt, request.prompt_token_ids, params,
+                                          child_ids, request.arrival_time)
+        for i, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 # Each sample of a seeded request gets its own stream, as in vLLM.
                 child_params = params.clone(seed=params.seed + i)
-            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
-            req = Request(
+            self.engine_core.add_request(Request(
                 request_id=child_id,
-                prompt_token_ids=list(token_ids),
+                prompt_token_ids=list(request.prompt_token_ids),
                 sampling_params=child_params,
                 eos_token_ids=self.eos_token_ids,
-                arrival_time=arrival_time,
-            )
-            detok = IncrementalDetokenizer(
-                self.tokenizer,
-                token_ids,
-                skip_special_tokens=params.skip_special_tokens,
-                spaces_between_special_tokens=params.spaces_between_special_tokens,
-                stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output,
-                min_tokens=params.min_tokens,
-            )
-            wants_lp = params.logprobs is not None
-            group.samples.append(
-                _Sample(req, detok, [] if wants_lp else None, 0.0 if wants_lp else None)
-            )
-            self._child_to_group[child_id] = request_id
-        self._groups[request_id] = group
-        for s in group.samples:
-            self.scheduler.add_request(s.request)
+                arrival_time=request.arrival_time,
+            ))
 
-    def abort_request(self, request_id: str | list[str]) -> None:
-        ids = [request_id] if isinstance(request_id, str) else request_id
-        for rid in ids:
-            group = self._groups.pop(rid, None)
-            if group is None:
-                continue
-            for s in group.samples:
-                self.scheduler.abort_request(s.request.request_id)
-                self._child_to_group.pop(s.request.request_id, None)
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+        """Aborts requests at once (their KV blocks are freed); returns their
+        final outputs (finish_reason "abort"). Unknown ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        child_ids, outputs = self.output_processor.abort_requests(ids, time.time())
+        self.engine_core.abort_requests(child_ids)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.engine_core.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._groups)
+        return self.output_processor.get_num_unfinished_requests()
+
+    def scheduler_stats(self) -> SchedulerStats:
+        return self.engine_core.stats()
 
     # -- the step loop ------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """One scheduler step; returns the outputs of requests that got new tokens
-        (cumulative, as vLLM's LLMEngine does)."""
-        sched = self.scheduler.schedule()
-        sampled = self.runner.execute(sched)
-        updated = self.scheduler.update(
-            sched, {rid: s.token_id for rid, s in sampled.items()}
-        )
-        touched: dict[str, _Group] = {}
-        for req in updated:
-            gid = self._child_to_group.get(req.request_id)
-            if gid is None:
-                continue
-            group = self._groups[gid]
-            sample = next(s for s in group.samples if s.request is req)
-            self._process_token(req, sample, sampled[req.request_id])
-            touched[gid] = group
-        outputs = [self._make_output(g) for g in touched.values()]
-        for g in touched.values():
-            if g.finished:
-                del self._groups[g.request_id]
-                for s in g.samples:
-                    self._child_to_group.pop(s.request.request_id, None)
-        return outputs
-
-    def _process_token(self, req: Request, sample: _Sample, tok: SampledToken) -> None:
-        if sample.logprobs is not None and tok.logprobs is not None:
-            for tid, lp in tok.logprobs.items():
-                lp.decoded_token = sample.detokenizer.decode_token(tid)
-            sample.logprobs.append(tok.logprobs)
-            sample.cumulative_logprob += tok.logprobs[tok.token_id].logprob
-        # The scheduler has already finished a request whose token is EOS or a
-        # stop token id; that token's text is left out, as in vLLM.
-        stop_terminated = req.status is RequestStatus.FINISHED_STOPPED
-        stop_str = sample.detokenizer.update([tok.token_id], stop_terminated=stop_terminated)
-        if stop_str is not None and not req.status.finished:
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-            req.stop_reason = stop_str
-
-    def _make_output(self, group: _Group) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=i,
-                # Holds back text that may still become a stop string or an
-                # unfinished character; everything final once finished.
-                text=s.detokenizer.get_next_output_text(
-                    delta=False, finished=s.request.status.finished
-                ),
-                token_ids=list(s.request.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                finish_reason=s.request.status.finish_reason,
-                stop_reason=s.request.stop_reason,
-            )
-            for i, s in enumerate(group.samples)
-        ]
-        return RequestOutput(
-            request_id=group.request_id,
-            prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids,
-            prompt_logprobs=None,
-            outputs=outs,
-            finished=group.finished,
-        )
+        (cumulative unless a request's output_kind says otherwise)."""
+        core_outputs = self.engine_core.step()
+        processed = self.output_processor.process_outputs(core_outputs)
+        # A stop string ends the request now, freeing its blocks before the
+        # next schedule.
+        self.engine_core.finish_requests(processed.reqs_to_stop, RequestStatus.FINISHED_STOPPED)
+        self.last_iteration_stats = processed.stats
+        return processed.request_outputs

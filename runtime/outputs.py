@@ -73,6 +73,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # Prompt tokens whose KV came from the prefix cache (0 until it exists).
+    num_cached_tokens: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -82,5 +84,6 @@ class RequestOutput:
             f"prompt_logprobs={self.prompt_logprobs}, "
             f"outputs={self.outputs}, "
             f"finished={self.finished}, "
-            f"metrics={self.metrics})"
+            f"metrics={self.metrics}, "
+            f"num_cached_tokens={self.num_cached_tokens})"
         )

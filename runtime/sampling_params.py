@@ -14,6 +14,14 @@ from typing import Any
 SAMPLING_EPS = 1e-5
 
 
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a running request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far (LLM.generate, LLMEngine.step)
+    DELTA = 1  # only what is new since the last output (streaming)
+    FINAL_ONLY = 2  # nothing until the request finishes
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -71,6 +79,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -87,6 +96,8 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
                      "include_stop_str_in_output"):
             _as_bool(name, getattr(self, name))
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise TypeError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
         if self.top_k == -1:
             put("top_k", 0)

@@ -118,4 +118,5 @@ def test_output_reprs_and_finished():
     )
     r = RequestOutput("r1", "p", [1, 2], None, [c], finished=True)
     assert repr(r).startswith("RequestOutput(request_id=r1, prompt='p', prompt_token_ids=[1, 2], ")
-    assert "outputs=[CompletionOutput(index=0" in repr(r) and repr(r).endswith("finished=True, metrics=None)")
+    assert "outputs=[CompletionOutput(index=0" in repr(r) and repr(r).endswith(
+        "finished=True, metrics=None, num_cached_tokens=None)")

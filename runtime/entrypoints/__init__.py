@@ -1,0 +1,1 @@
+"""Entry points over the async engine: the OpenAI-compatible HTTP server."""
