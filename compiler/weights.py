@@ -36,5 +36,8 @@ def write_safetensors(model: torch.nn.Module, out_dir: Path) -> tuple[str, dict[
     tmp = path.with_suffix(".tmp")
     save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(tmp),
               metadata={"format": "pt"})
+    # safetensors creates the file owner-only (0600); an artifact is often
+    # compiled by one user and served by another.
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return WEIGHTS_FILE, aliases
