@@ -135,6 +135,10 @@ class GeBackend:
         self.device = cfg.device
         self.num_blocks = cfg.num_gpu_blocks_override
         self.output = Path(cfg.output)
+        self.dim_gears = cfg.ge_dim_gears
+        # graph bucket -> the batch sizes its batch dimension is geared over
+        # (set by graph_groups, read when that bucket compiles).
+        self.gears: dict[Bucket, tuple[int, ...]] = {}
 
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version
@@ -158,6 +162,51 @@ class GeBackend:
         # The weights file is bound to each graph's frozen inputs at load time,
         # one copy for all buckets.
         return BackendTraits(kv_in_place=True, num_blocks=self.num_blocks, shared_weights=True)
+
+    def graph_groups(self, buckets: list[Bucket]) -> list[tuple[Bucket, tuple[Bucket, ...]]]:
+        """(the bucket a graph is compiled for, the buckets that graph serves).
+
+        Without dimension gears every bucket has its own graph. With them,
+        the decode buckets of one context width share one graph, compiled at
+        their largest batch with the batch dimension geared over their batch
+        sizes. Batch 1 keeps a graph of its own: torch specializes size-1
+        dimensions (0/1 specialization), so a graph traced with a dynamic
+        batch guards it to >= 2 and a batch-1 call would recompile (measured
+        off-device with torch 2.13). torchair takes 2 to 100 gears, so a
+        context with fewer than two batch sizes >= 2 is not geared.
+        """
+        self.gears.clear()
+        if not self.dim_gears:
+            return [(b, (b,)) for b in buckets]
+        groups: dict[int, list[Bucket]] = {}
+        single = []
+        for b in buckets:
+            if b.phase == "decode" and b.batch >= 2:
+                groups.setdefault(b.context_blocks, []).append(b)
+            else:
+                single.append(b)
+        out = [(b, (b,)) for b in single]
+        for members in groups.values():
+            members.sort(key=lambda b: b.batch)
+            if len(members) < 2:
+                out.append((members[0], (members[0],)))
+                continue
+            top = members[-1]
+            self.gears[top] = tuple(b.batch for b in members)
+            out.append((top, tuple(members)))
+        return out
+
+    def example_inputs(self, bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
+                       device: torch.device) -> tuple:
+        """`ge_example_inputs`, with the batch dimension (dim 0 of each of the
+        six step inputs; not the KV caches) geared when `bucket` is geared."""
+        args = ge_example_inputs(bucket, spec, dtype, device, self.num_blocks)
+        gears = self.gears.get(bucket)
+        if gears:
+            torchair = _torchair()
+            for t in args[:6]:
+                torchair.inference.set_dim_gears(t, {0: list(gears)})
+        return args
 
     def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
         # Weights are stored in the layout the graphs read (int8 as [in, out]).
@@ -195,7 +244,7 @@ class GeBackend:
 
         prepare(model)
         device = next(model.parameters()).device
-        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        args = self.example_inputs(bucket, spec, model.dtype, device)
         cfg = compiler_config(torchair)
         cfg.export.export_mode = True
         cfg.export.export_path_dir = str(out_dir)
@@ -250,7 +299,7 @@ class GeBackend:
         the compiled graph (on an NPU host; off-device it stops where GE
         compiles)."""
         device = next(model.parameters()).device
-        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        args = self.example_inputs(bucket, spec, model.dtype, device)
         torch._dynamo.reset()
         try:
             with torch.no_grad():

@@ -39,6 +39,8 @@ class GeLoader:
 
     def __init__(self) -> None:
         self._model = None  # one model for every bucket: one copy of the weights
+        # Buckets that share a geared graph (--ge-dim-gears) name one file: load it once.
+        self._graphs: dict[Path, GraphFn] = {}
 
     def check_available(self, device: torch.device) -> None:
         try:
@@ -77,12 +79,16 @@ class GeLoader:
                    constants: dict[str, torch.Tensor], manifest) -> GraphFn:
         from aotllm.compiler.ge import GE_CACHE_DIR, _torchair, compiler_config
 
+        if path in self._graphs:
+            return self._graphs[path]
         model = self._bound_model(manifest, constants, device)
         num_blocks = manifest.backend_traits.num_blocks
-        cache = path.parent.parent / GE_CACHE_DIR / f"{bucket.name}-kv{num_blocks}"
+        # Named after the graph's own bucket (the file's stem), which for a
+        # geared graph is the largest batch it serves, not `bucket`.
+        cache = path.parent.parent / GE_CACHE_DIR / f"{path.stem}-kv{num_blocks}"
         if not cache.is_dir():
             raise ArtifactError(f"{cache} is missing: the artifact has no compiled-graph "
-                                f"cache for {bucket.name} at {num_blocks} KV blocks; recompile it")
+                                f"cache for {path.stem} at {num_blocks} KV blocks; recompile it")
         torchair = _torchair()
         fn = torchair.inference.cache_compile(
             model.forward, config=compiler_config(torchair), dynamic=False,
@@ -93,4 +99,5 @@ class GeLoader:
             with torch.no_grad():
                 return [fn(*inputs[:6], list(inputs[6:]))]
 
+        self._graphs[path] = run
         return run
