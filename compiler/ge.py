@@ -33,11 +33,10 @@ from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import BackendTraits
-from aotllm.models.npu_ops import NpuOps, to_npu_weight_layout
-
-# torchair's compiled-graph caches, one directory per bucket and KV size,
-# beside graphs/ (the pipeline keeps only graph files in graphs/).
-GE_CACHE_DIR = "ge_cache"
+# Shared with runtime/ge_loader.py, which must not import compiler/.
+from aotllm.models.npu_ops import GE_CACHE_DIR, NpuOps, freeze_buffers, prepare  # noqa: F401
+from aotllm.models.npu_ops import ge_compiler_config as compiler_config
+from aotllm.models.npu_ops import import_torchair_ops as _torchair
 
 NEEDS_ASCEND = (
     "--backend ge needs an Ascend host with torch_npu and CANN installed "
@@ -56,27 +55,6 @@ def import_torchair():
     return _torchair()
 
 
-def _torchair():
-    import torchair
-    import torchair.ops._npu_fused_infer_attention_score  # noqa: F401  (registers air::)
-
-    return torchair
-
-
-def compiler_config(torchair, *, run_eagerly: bool = False):
-    """max-autotune (GE graphs) with frozen parameters, as vllm-ascend's
-    TorchAir graph mode ran by default (`enable_frozen_parameter`): weights
-    become constant-address inputs that GE can fold and skips per step."""
-    cfg = torchair.CompilerConfig()
-    cfg.mode = "max-autotune"
-    cfg.experimental_config.frozen_parameter = True
-    # The KV cache is written in the graph, not returned and copied back
-    # (torchair's default, stated because the runtime relies on it).
-    cfg.experimental_config.keep_inference_input_mutations = True
-    cfg.debug.run_eagerly = run_eagerly
-    return cfg
-
-
 def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
                       device: torch.device, num_blocks: int) -> tuple:
     """`example_inputs` with the KV caches at the artifact's fixed block count."""
@@ -84,42 +62,6 @@ def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
     args[-1] = [torch.zeros(spec.layer_shape(num_blocks), dtype=dtype, device=device)
                 for _ in range(spec.num_layers)]
     return tuple(args)
-
-
-def freeze_buffers(model: torch.nn.Module) -> int:
-    """Re-registers every buffer as `nn.Parameter(requires_grad=False)` under
-    its own name; returns how many changed.
-
-    torchair's `frozen_parameter` freezes graph inputs that are nn.Parameters
-    (it checks the input's type); the quantized linears keep their int8
-    weights and scales as buffers, and `inv_freq` is one too, so without this
-    they would be per-step runtime inputs instead of constant-address ones.
-    Done here, not in quantize/: only this backend needs it. The names, hence
-    the weights file and its aliases, stay the same (the weights file lists
-    buffers and parameters alike); a tensor shared by several modules becomes
-    one Parameter, so ties stay ties.
-    """
-    made: dict[int, torch.nn.Parameter] = {}
-    changed = 0
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is None:
-                continue
-            param = made.get(id(buf))
-            if param is None:
-                param = made[id(buf)] = torch.nn.Parameter(buf, requires_grad=False)
-            del module._buffers[name]
-            module._non_persistent_buffers_set.discard(name)
-            module.register_parameter(name, param)
-            changed += 1
-    return changed
-
-
-def prepare(model: torch.nn.Module) -> None:
-    """The weight layout the NPU ops read, then every constant frozen-able;
-    both idempotent, so every entry point calls it."""
-    to_npu_weight_layout(model)
-    freeze_buffers(model)
 
 
 class GeBackend:
