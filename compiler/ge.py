@@ -38,6 +38,18 @@ from aotllm.models.npu_ops import GE_CACHE_DIR, NpuOps, freeze_buffers, prepare 
 from aotllm.models.npu_ops import ge_compiler_config as compiler_config
 from aotllm.models.npu_ops import import_torchair_ops as _torchair
 
+# torchair's options.json of each exported graph: the GE compile and execute
+# options (global, session and graph scope) that offline deployment of the
+# .air with GE or ATC needs; ge_options/<graph>/options.json.
+GE_OPTIONS_DIR = "ge_options"
+_GE_OPTIONS_README = """\
+One directory per graph file in ../graphs/ (named after its stem), holding
+torchair's options.json from exporting that graph: the GE compile and execute
+options (global, session and graph scope) the graph was built with, for
+loading the .air offline with GE or ATC. aotllm's own runtime does not read
+these files. Written by aotllm compile --backend ge.
+"""
+
 NEEDS_ASCEND = (
     "--backend ge needs an Ascend host with torch_npu and CANN installed "
     "(pip install 'aotllm[ascend]' and source CANN's set_env.sh); on this host {why}. "
@@ -249,10 +261,20 @@ class GeBackend:
         finally:
             torch._dynamo.reset()
 
+    def options_file(self, bucket: Bucket) -> Path:
+        return self.output / GE_OPTIONS_DIR / bucket.name / "options.json"
+
     def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             air = self.export_air(model, bucket, spec, Path(tmp))
             if not air.is_file():
                 raise RuntimeError(f"torchair's export wrote no {air.name}")
+            options = Path(tmp) / "options.json"  # torchair writes it beside the .air
+            if not options.is_file():
+                raise RuntimeError(f"torchair's export of {bucket.name} wrote no options.json")
+            target = self.options_file(bucket)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (target.parent.parent / "README.txt").write_text(_GE_OPTIONS_README)
+            os.replace(options, target)
             os.replace(air, out_path)
         self.warm_cache(model, bucket, spec)

@@ -16,6 +16,7 @@ What needs an NPU (GE compile, kernels, speed) is marked `npu`.
 from __future__ import annotations
 
 import copy
+import json
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -371,6 +372,16 @@ def test_compile_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatc
         f"{n}-kv{NUM_BLOCKS}" for n in names)
     graph_files = sorted(p.name for p in (out / "graphs").iterdir())
     assert graph_files == sorted(f"{n}.air" for n in names)
+    # torchair's GE options per graph, kept for offline (GE/ATC) deployment.
+    assert sorted(p.name for p in (out / "ge_options").iterdir()) == sorted(
+        [*names, "README.txt"])
+    for n in names:
+        opts = json.loads((out / "ge_options" / n / "options.json").read_text())
+        assert set(opts) == {"compile options", "execute options"}
+        assert set(opts["compile options"]) == {"global", "session", "graph"}
+        # The graph's own input shapes are among its compile options.
+        assert opts["compile options"]["graph"]["ge.inputHintShape"]
+        assert opts["execute options"]["global"]["ge.exec.staticMemoryPolicy"] == "2"
     # One weights file, the only tensor data in the artifact.
     assert manifest.weights_file == "weights.safetensors"
     with safe_open(str(out / manifest.weights_file), "pt") as f:
