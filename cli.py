@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "NPUs) or onnx (onnxruntime, and Ascend's ATC)")
     c.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N",
                    help="build static-shape graphs (ge, onnx for ATC) for exactly N KV blocks")
+    c.add_argument("--ge-dim-gears", action="store_true",
+                   help="ge only: one decode graph per context bucket with its batch dimension "
+                        "geared over the decode batch sizes (torchair set_dim_gears)")
     c.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
     c.add_argument("--max-num-seqs", type=_positive_int, default=8, metavar="N",
@@ -210,6 +213,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         decode_batch_sizes=args.decode_batch_sizes, context_buckets=args.context_buckets,
         reuse=not args.no_reuse, quantization=_quant_config(args, QuantConfig, resolve_scheme),
         num_gpu_blocks_override=args.num_gpu_blocks_override,
+        ge_dim_gears=args.ge_dim_gears,
     )
     t0 = time.perf_counter()
     manifest = compile_artifact(cfg)

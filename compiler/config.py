@@ -29,6 +29,10 @@ class CompileConfig:
     # must then allocate; Inductor graphs keep the block count dynamic and
     # ignore it.
     num_gpu_blocks_override: int | None = None
+    # GE only: one graph per decode context bucket whose batch dimension is
+    # geared (torchair.inference.set_dim_gears) over the plan's decode batch
+    # sizes, instead of one graph per decode batch size.
+    ge_dim_gears: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -38,3 +42,7 @@ class CompileConfig:
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise ValueError("num_gpu_blocks_override must be at least 2 (block 0 is the "
                              f"null block), got {self.num_gpu_blocks_override}")
+        if self.ge_dim_gears and self.backend != "ge":
+            raise ValueError(f"dimension gears (--ge-dim-gears) are a torchair GE feature; "
+                             f"the {self.backend} backend compiles one graph per bucket. "
+                             "Drop the option or use --backend ge")

@@ -33,11 +33,22 @@ from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import BackendTraits
-from aotllm.models.npu_ops import NpuOps, to_npu_weight_layout
+# Shared with runtime/ge_loader.py, which must not import compiler/.
+from aotllm.models.npu_ops import GE_CACHE_DIR, NpuOps, freeze_buffers, prepare  # noqa: F401
+from aotllm.models.npu_ops import ge_compiler_config as compiler_config
+from aotllm.models.npu_ops import import_torchair_ops as _torchair
 
-# torchair's compiled-graph caches, one directory per bucket and KV size,
-# beside graphs/ (the pipeline keeps only graph files in graphs/).
-GE_CACHE_DIR = "ge_cache"
+# torchair's options.json of each exported graph: the GE compile and execute
+# options (global, session and graph scope) that offline deployment of the
+# .air with GE or ATC needs; ge_options/<graph>/options.json.
+GE_OPTIONS_DIR = "ge_options"
+_GE_OPTIONS_README = """\
+One directory per graph file in ../graphs/ (named after its stem), holding
+torchair's options.json from exporting that graph: the GE compile and execute
+options (global, session and graph scope) the graph was built with, for
+loading the .air offline with GE or ATC. aotllm's own runtime does not read
+these files. Written by aotllm compile --backend ge.
+"""
 
 NEEDS_ASCEND = (
     "--backend ge needs an Ascend host with torch_npu and CANN installed "
@@ -56,27 +67,6 @@ def import_torchair():
     return _torchair()
 
 
-def _torchair():
-    import torchair
-    import torchair.ops._npu_fused_infer_attention_score  # noqa: F401  (registers air::)
-
-    return torchair
-
-
-def compiler_config(torchair, *, run_eagerly: bool = False):
-    """max-autotune (GE graphs) with frozen parameters, as vllm-ascend's
-    TorchAir graph mode ran by default (`enable_frozen_parameter`): weights
-    become constant-address inputs that GE can fold and skips per step."""
-    cfg = torchair.CompilerConfig()
-    cfg.mode = "max-autotune"
-    cfg.experimental_config.frozen_parameter = True
-    # The KV cache is written in the graph, not returned and copied back
-    # (torchair's default, stated because the runtime relies on it).
-    cfg.experimental_config.keep_inference_input_mutations = True
-    cfg.debug.run_eagerly = run_eagerly
-    return cfg
-
-
 def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
                       device: torch.device, num_blocks: int) -> tuple:
     """`example_inputs` with the KV caches at the artifact's fixed block count."""
@@ -84,42 +74,6 @@ def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
     args[-1] = [torch.zeros(spec.layer_shape(num_blocks), dtype=dtype, device=device)
                 for _ in range(spec.num_layers)]
     return tuple(args)
-
-
-def freeze_buffers(model: torch.nn.Module) -> int:
-    """Re-registers every buffer as `nn.Parameter(requires_grad=False)` under
-    its own name; returns how many changed.
-
-    torchair's `frozen_parameter` freezes graph inputs that are nn.Parameters
-    (it checks the input's type); the quantized linears keep their int8
-    weights and scales as buffers, and `inv_freq` is one too, so without this
-    they would be per-step runtime inputs instead of constant-address ones.
-    Done here, not in quantize/: only this backend needs it. The names, hence
-    the weights file and its aliases, stay the same (the weights file lists
-    buffers and parameters alike); a tensor shared by several modules becomes
-    one Parameter, so ties stay ties.
-    """
-    made: dict[int, torch.nn.Parameter] = {}
-    changed = 0
-    for module in model.modules():
-        for name, buf in list(module._buffers.items()):
-            if buf is None:
-                continue
-            param = made.get(id(buf))
-            if param is None:
-                param = made[id(buf)] = torch.nn.Parameter(buf, requires_grad=False)
-            del module._buffers[name]
-            module._non_persistent_buffers_set.discard(name)
-            module.register_parameter(name, param)
-            changed += 1
-    return changed
-
-
-def prepare(model: torch.nn.Module) -> None:
-    """The weight layout the NPU ops read, then every constant frozen-able;
-    both idempotent, so every entry point calls it."""
-    to_npu_weight_layout(model)
-    freeze_buffers(model)
 
 
 class GeBackend:
@@ -135,6 +89,10 @@ class GeBackend:
         self.device = cfg.device
         self.num_blocks = cfg.num_gpu_blocks_override
         self.output = Path(cfg.output)
+        self.dim_gears = cfg.ge_dim_gears
+        # graph bucket -> the batch sizes its batch dimension is geared over
+        # (set by graph_groups, read when that bucket compiles).
+        self.gears: dict[Bucket, tuple[int, ...]] = {}
 
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version
@@ -158,6 +116,51 @@ class GeBackend:
         # The weights file is bound to each graph's frozen inputs at load time,
         # one copy for all buckets.
         return BackendTraits(kv_in_place=True, num_blocks=self.num_blocks, shared_weights=True)
+
+    def graph_groups(self, buckets: list[Bucket]) -> list[tuple[Bucket, tuple[Bucket, ...]]]:
+        """(the bucket a graph is compiled for, the buckets that graph serves).
+
+        Without dimension gears every bucket has its own graph. With them,
+        the decode buckets of one context width share one graph, compiled at
+        their largest batch with the batch dimension geared over their batch
+        sizes. Batch 1 keeps a graph of its own: torch specializes size-1
+        dimensions (0/1 specialization), so a graph traced with a dynamic
+        batch guards it to >= 2 and a batch-1 call would recompile (measured
+        off-device with torch 2.13). torchair takes 2 to 100 gears, so a
+        context with fewer than two batch sizes >= 2 is not geared.
+        """
+        self.gears.clear()
+        if not self.dim_gears:
+            return [(b, (b,)) for b in buckets]
+        groups: dict[int, list[Bucket]] = {}
+        single = []
+        for b in buckets:
+            if b.phase == "decode" and b.batch >= 2:
+                groups.setdefault(b.context_blocks, []).append(b)
+            else:
+                single.append(b)
+        out = [(b, (b,)) for b in single]
+        for members in groups.values():
+            members.sort(key=lambda b: b.batch)
+            if len(members) < 2:
+                out.append((members[0], (members[0],)))
+                continue
+            top = members[-1]
+            self.gears[top] = tuple(b.batch for b in members)
+            out.append((top, tuple(members)))
+        return out
+
+    def example_inputs(self, bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
+                       device: torch.device) -> tuple:
+        """`ge_example_inputs`, with the batch dimension (dim 0 of each of the
+        six step inputs; not the KV caches) geared when `bucket` is geared."""
+        args = ge_example_inputs(bucket, spec, dtype, device, self.num_blocks)
+        gears = self.gears.get(bucket)
+        if gears:
+            torchair = _torchair()
+            for t in args[:6]:
+                torchair.inference.set_dim_gears(t, {0: list(gears)})
+        return args
 
     def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
         # Weights are stored in the layout the graphs read (int8 as [in, out]).
@@ -195,7 +198,7 @@ class GeBackend:
 
         prepare(model)
         device = next(model.parameters()).device
-        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        args = self.example_inputs(bucket, spec, model.dtype, device)
         cfg = compiler_config(torchair)
         cfg.export.export_mode = True
         cfg.export.export_path_dir = str(out_dir)
@@ -250,7 +253,7 @@ class GeBackend:
         the compiled graph (on an NPU host; off-device it stops where GE
         compiles)."""
         device = next(model.parameters()).device
-        args = ge_example_inputs(bucket, spec, model.dtype, device, self.num_blocks)
+        args = self.example_inputs(bucket, spec, model.dtype, device)
         torch._dynamo.reset()
         try:
             with torch.no_grad():
@@ -258,10 +261,20 @@ class GeBackend:
         finally:
             torch._dynamo.reset()
 
+    def options_file(self, bucket: Bucket) -> Path:
+        return self.output / GE_OPTIONS_DIR / bucket.name / "options.json"
+
     def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             air = self.export_air(model, bucket, spec, Path(tmp))
             if not air.is_file():
                 raise RuntimeError(f"torchair's export wrote no {air.name}")
+            options = Path(tmp) / "options.json"  # torchair writes it beside the .air
+            if not options.is_file():
+                raise RuntimeError(f"torchair's export of {bucket.name} wrote no options.json")
+            target = self.options_file(bucket)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (target.parent.parent / "README.txt").write_text(_GE_OPTIONS_README)
+            os.replace(options, target)
             os.replace(air, out_path)
         self.warm_cache(model, bucket, spec)

@@ -5,7 +5,8 @@
                              torch version, KV layout, bucket table (file + sha256)
       weights file           the weights, once (backend.write_weights; Inductor:
                              weights.safetensors under the graphs' constant names)
-      graphs/<bucket>.*      one graph per bucket (backend.compile_bucket), no weights inside
+      graphs/<bucket>.*      one graph per bucket (backend.compile_bucket), no weights inside;
+                             a backend may share one graph between buckets (graph_groups)
       tokenizer files, generation_config.json
 
 Recompiling into an existing artifact reuses every graph whose reuse key (a
@@ -148,28 +149,41 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     # runtime loads every artifact's tokenizer the same way.
     source.save_tokenizer(out)
 
-    entries: list[GraphEntry] = []
+    # Which graph serves which buckets: one each, unless the backend shares
+    # a graph between buckets (GE with dimension gears); a shared graph is
+    # one file that every bucket it serves names.
+    grouping = getattr(backend, "graph_groups", None)
+    groups = grouping(plan.buckets) if grouping else [(b, (b,)) for b in plan.buckets]
+    by_bucket: dict[Bucket, GraphEntry] = {}
     compile_seconds: list[float] = []
-    bar = tqdm(plan.buckets, desc="Compiling buckets", unit="graph", dynamic_ncols=True)
-    for bucket in bar:
-        key = bucket_key(common, bucket)
-        bar.set_postfix_str(bucket.name)
-        if key in reusable:
-            entries.append(reusable[key])
+    bar = tqdm(groups, desc="Compiling graphs", unit="graph", dynamic_ncols=True)
+    for graph_bucket, served in bar:
+        # A shared graph's key names its bucket and everything it serves, so
+        # a changed grouping recompiles.
+        shared = {} if served == (graph_bucket,) else {
+            "graph": graph_bucket.name, "serves": sorted(b.name for b in served)}
+        keys = {b: bucket_key({**common, **shared}, b) for b in served}
+        bar.set_postfix_str(graph_bucket.name)
+        rel = f"{GRAPHS_DIR}/{graph_bucket.name}{backend.file_suffix}"
+        kept = [reusable.get(keys[b]) for b in served]
+        if all(e is not None and e.file == rel for e in kept):
+            by_bucket.update(zip(served, kept))
             continue
-        rel = f"{GRAPHS_DIR}/{bucket.name}{backend.file_suffix}"
         t0 = time.perf_counter()
         # Compiled under its final name in a scratch folder (a package records
         # its file name inside), then moved into place whole.
-        tmp = out / GRAPHS_DIR / ".partial" / f"{bucket.name}{backend.file_suffix}"
+        tmp = out / GRAPHS_DIR / ".partial" / f"{graph_bucket.name}{backend.file_suffix}"
         tmp.parent.mkdir(exist_ok=True)
-        backend.compile_bucket(model, bucket, spec, tmp)
+        backend.compile_bucket(model, graph_bucket, spec, tmp)
         os.replace(tmp, out / rel)
         seconds = time.perf_counter() - t0
         compile_seconds.append(seconds)
-        tqdm.write(f"compiled {bucket.name} in {seconds:.1f} s")
-        entries.append(GraphEntry(bucket, rel, sha256_file(out / rel), seconds, key))
+        tqdm.write(f"compiled {graph_bucket.name} in {seconds:.1f} s")
+        digest = sha256_file(out / rel)
+        for b in served:
+            by_bucket[b] = GraphEntry(b, rel, digest, seconds, keys[b])
     bar.close()
+    entries = [by_bucket[b] for b in plan.buckets]
 
     shutil.rmtree(out / GRAPHS_DIR / ".partial", ignore_errors=True)
     wanted = {out / e.file for e in entries} | {out / weights_file}
@@ -198,9 +212,10 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     manifest.write(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     logger.info(
-        "Compiled %d bucket graphs (%d reused) in %.1f s total (%.1f s per compiled "
-        "bucket); artifact %s is %.1f MiB (weights %.1f MiB)",
-        len(entries), len(entries) - len(compile_seconds), time.perf_counter() - t_start,
+        "Compiled %d graphs for %d buckets (%d graphs reused) in %.1f s total (%.1f s per "
+        "compiled graph); artifact %s is %.1f MiB (weights %.1f MiB)",
+        len(groups), len(entries), len(groups) - len(compile_seconds),
+        time.perf_counter() - t_start,
         sum(compile_seconds) / max(len(compile_seconds), 1), out, size / (1 << 20),
         (out / weights_file).stat().st_size / (1 << 20),
     )

@@ -4,7 +4,8 @@ An artifact directory holds::
 
     manifest.json           this module's `Manifest`, as JSON
     weights.safetensors     the weights, stored once and bound to every graph
-    graphs/<bucket>.*       one compiled graph per bucket
+    graphs/<bucket>.*       one compiled graph per bucket (GE dimension gears: one
+                            geared graph that several decode buckets name)
     tokenizer files         copied from the checkpoint
 
 Paths in the manifest are relative to the artifact directory, with ``/``
@@ -300,7 +301,8 @@ def verify_files(
         )
 
     files = [(manifest.weights_file, manifest.weights_sha256)]
-    files += [(g.file, g.sha256) for g in manifest.graphs]
+    # Buckets may share one graph file (GE dimension gears): check it once.
+    files += list(dict.fromkeys((g.file, g.sha256) for g in manifest.graphs))
     # Report every missing file before hashing anything: hashing weights is slow.
     missing = [name for name, _ in files if not (directory / name).is_file()]
     if missing:

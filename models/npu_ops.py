@@ -209,3 +209,71 @@ def to_npu_weight_layout(model: torch.nn.Module) -> int:
         module.npu_weight_layout = True
         changed += 1
     return changed
+
+
+# --- what the GE compiler and the GE runtime loader share -------------------
+# (here, not in compiler/ge.py: runtime/ never imports compiler/)
+
+# torchair's compiled-graph caches, one directory per graph and KV size,
+# beside graphs/ (the pipeline keeps only graph files in graphs/).
+GE_CACHE_DIR = "ge_cache"
+
+
+def import_torchair_ops():
+    """torchair, with its own air:: attention op registered (torchair.ops
+    imports it lazily). Assumes torchair is importable: on an Ascend host
+    after `import torch_npu`, in the tests through their harness."""
+    import torchair
+    import torchair.ops._npu_fused_infer_attention_score  # noqa: F401  (registers air::)
+
+    return torchair
+
+
+def ge_compiler_config(torchair, *, run_eagerly: bool = False):
+    """max-autotune (GE graphs) with frozen parameters, as vllm-ascend's
+    TorchAir graph mode ran by default (`enable_frozen_parameter`): weights
+    become constant-address inputs that GE can fold and skips per step."""
+    cfg = torchair.CompilerConfig()
+    cfg.mode = "max-autotune"
+    cfg.experimental_config.frozen_parameter = True
+    # The KV cache is written in the graph, not returned and copied back
+    # (torchair's default, stated because the runtime relies on it).
+    cfg.experimental_config.keep_inference_input_mutations = True
+    cfg.debug.run_eagerly = run_eagerly
+    return cfg
+
+
+def freeze_buffers(model: torch.nn.Module) -> int:
+    """Re-registers every buffer as `nn.Parameter(requires_grad=False)` under
+    its own name; returns how many changed.
+
+    torchair's `frozen_parameter` freezes graph inputs that are nn.Parameters
+    (it checks the input's type); the quantized linears keep their int8
+    weights and scales as buffers, and `inv_freq` is one too, so without this
+    they would be per-step runtime inputs instead of constant-address ones.
+    Done here, not in quantize/: only this backend needs it. The names, hence
+    the weights file and its aliases, stay the same (the weights file lists
+    buffers and parameters alike); a tensor shared by several modules becomes
+    one Parameter, so ties stay ties.
+    """
+    made: dict[int, torch.nn.Parameter] = {}
+    changed = 0
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None:
+                continue
+            param = made.get(id(buf))
+            if param is None:
+                param = made[id(buf)] = torch.nn.Parameter(buf, requires_grad=False)
+            del module._buffers[name]
+            module._non_persistent_buffers_set.discard(name)
+            module.register_parameter(name, param)
+            changed += 1
+    return changed
+
+
+def prepare(model: torch.nn.Module) -> None:
+    """The weight layout the NPU ops read, then every constant frozen-able;
+    both idempotent, so every entry point calls it."""
+    to_npu_weight_layout(model)
+    freeze_buffers(model)

@@ -105,3 +105,31 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None) -> dict:
                 time.perf_counter() - t0, str(model.dtype).removeprefix("torch."),
                 ", ".join(record["float_modules"]) or "nothing")
     return record
+
+
+def quantized_skeleton(model: nn.Module, record: dict) -> int:
+    """Swaps in empty quantized linears where `record` (quantize_model's or a
+    msModelSlim load's) says the model was quantized, so a compiled
+    artifact's quantized weights can be loaded into it: every `Linear` not
+    in `record["float_modules"]` becomes the scheme's module, as
+    quantize_model made it. Works on meta models. Returns how many."""
+    from aotllm.quantize.linear import QUANT_LINEARS
+
+    cls = QUANT_LINEARS[record["scheme"]]
+    kept = set(record["float_modules"])
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear) and n not in kept]
+    modules = dict(model.named_modules())
+    for name in names:
+        lin = modules[name]
+        if cls is W8A16Linear:
+            new = cls(lin.in_features, lin.out_features, lin.ops, lin.bias, record["group_size"])
+        elif cls is W8A8DynamicLinear:
+            new = cls(lin.in_features, lin.out_features, lin.ops, lin.bias)
+        else:  # static: the bias lives in quant_bias
+            new = cls(lin.in_features, lin.out_features, lin.ops)
+        _swap(model, name, new.to(lin.weight.device))
+    if len(names) != record.get("quantized_linears", len(names)):
+        raise ValueError(f"the quantization record lists {record['quantized_linears']} "
+                         f"quantized linears but the model has {len(names)} outside its "
+                         "float modules")
+    return len(names)

@@ -13,8 +13,10 @@ bucket's cache directory (`ge_cache/<bucket>-kv<num_blocks>`, written at
 compile time), so a cached graph loads instead of recompiling, and a KV
 size other than the compiled one is refused rather than silently reused.
 The `.air` files are for offline deployment (GE/ATC), not read here.
-Quantized GE artifacts are not loaded yet (their module skeleton must be
-rebuilt from the manifest's quantization record first).
+A quantized artifact's model is rebuilt from the manifest's quantization
+record (quantize.apply.quantized_skeleton) and takes the compile-time
+layout (models.npu_ops.prepare: int8 weights [in, out], buffers as frozen
+Parameters) before the weights are bound.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class GeLoader:
 
     def __init__(self) -> None:
         self._model = None  # one model for every bucket: one copy of the weights
+        # Buckets that share a geared graph (--ge-dim-gears) name one file: load it once.
+        self._graphs: dict[Path, GraphFn] = {}
 
     def check_available(self, device: torch.device) -> None:
         try:
@@ -55,37 +59,51 @@ class GeLoader:
     def _bound_model(self, manifest, constants: dict[str, torch.Tensor], device: torch.device):
         if self._model is not None:
             return self._model
-        if manifest.quantization is not None:
-            raise ArtifactError("loading quantized GE artifacts is not implemented yet; "
-                                "recompile without --quantization")
-        from aotllm.compiler.ge import prepare
         from aotllm.models.config import ModelConfig
         from aotllm.models.decoder import CausalLM
-        from aotllm.models.npu_ops import NpuOps
+        from aotllm.models.npu_ops import NpuOps, prepare
 
         dtype = getattr(torch, manifest.dtype)
         with torch.device("meta"):
             model = CausalLM(ModelConfig.from_hf_dict(manifest.model_config), dtype, NpuOps)
-        prepare(model)  # the compile-time names: buffers as frozen Parameters
-        state = {name: constants[name] for name, _ in
-                 model.named_parameters(remove_duplicate=False)}
+        if manifest.quantization is not None:
+            from aotllm.quantize.apply import quantized_skeleton
+
+            try:
+                quantized_skeleton(model, manifest.quantization)
+            except (KeyError, ValueError) as e:
+                raise ArtifactError(f"the manifest's quantization record does not fit the "
+                                    f"model ({e}); recompile the artifact") from None
+        # The compile-time layout and names: int8 weights [in, out], buffers
+        # as frozen Parameters.
+        prepare(model)
+        names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+        missing = [n for n in names if n not in constants]
+        if missing:
+            raise ArtifactError(f"{manifest.weights_file} lacks weights the GE model needs "
+                                f"({', '.join(missing[:4])}); recompile the artifact")
+        state = {name: constants[name] for name in names}
         model.load_state_dict(state, strict=True, assign=True)
         self._model = model.eval()
         return model
 
     def load_graph(self, path: Path, bucket, device: torch.device,
                    constants: dict[str, torch.Tensor], manifest) -> GraphFn:
-        from aotllm.compiler.ge import GE_CACHE_DIR, _torchair, compiler_config
+        from aotllm.models.npu_ops import GE_CACHE_DIR, ge_compiler_config, import_torchair_ops
 
+        if path in self._graphs:
+            return self._graphs[path]
         model = self._bound_model(manifest, constants, device)
         num_blocks = manifest.backend_traits.num_blocks
-        cache = path.parent.parent / GE_CACHE_DIR / f"{bucket.name}-kv{num_blocks}"
+        # Named after the graph's own bucket (the file's stem), which for a
+        # geared graph is the largest batch it serves, not `bucket`.
+        cache = path.parent.parent / GE_CACHE_DIR / f"{path.stem}-kv{num_blocks}"
         if not cache.is_dir():
             raise ArtifactError(f"{cache} is missing: the artifact has no compiled-graph "
-                                f"cache for {bucket.name} at {num_blocks} KV blocks; recompile it")
-        torchair = _torchair()
+                                f"cache for {path.stem} at {num_blocks} KV blocks; recompile it")
+        torchair = import_torchair_ops()
         fn = torchair.inference.cache_compile(
-            model.forward, config=compiler_config(torchair), dynamic=False,
+            model.forward, config=ge_compiler_config(torchair), dynamic=False,
             cache_dir=str(cache), ge_cache=True)
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -93,4 +111,5 @@ class GeLoader:
             with torch.no_grad():
                 return [fn(*inputs[:6], list(inputs[6:]))]
 
+        self._graphs[path] = run
         return run

@@ -16,6 +16,7 @@ What needs an NPU (GE compile, kernels, speed) is marked `npu`.
 from __future__ import annotations
 
 import copy
+import json
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -61,7 +62,8 @@ class Case:
 
         source = open_checkpoint(path)
         quant = QuantConfig(scheme) if scheme else None
-        self.ref, _ = load_quantized(source, dtype, "cpu", quant, source.load_tokenizer)
+        self.ref, self.record = load_quantized(source, dtype, "cpu", quant,
+                                               source.load_tokenizer)
         self.npu = copy.deepcopy(self.ref)
         for m in self.npu.modules():
             if hasattr(m, "ops"):
@@ -177,9 +179,12 @@ def _step_inputs(bucket, spec, vocab, seed):
     already in the cache, padding tokens writing to the null block."""
     g = torch.Generator().manual_seed(seed)
     b, t = bucket.batch, bucket.tokens
-    ctx = [t - 5] if t > 1 else [21, 7][:b]  # prefill: 11 of 16 tokens valid
+    ctx = [t - 5] if t > 1 else [21, 7, 30, 12][:b]  # prefill: 11 of 16 tokens valid
     qlen = [t - 5] if t > 1 else [1] * b
-    tables = torch.tensor([[1 + 2 * r, 2 + 2 * r] for r in range(b)], dtype=torch.long)
+    # Own blocks per row; the 4th row (12 tokens) needs one, its unused
+    # second entry points at the null block.
+    tables = torch.tensor([[1 + 2 * r, (2 + 2 * r) % NUM_BLOCKS] for r in range(b)],
+                          dtype=torch.long)
     positions = torch.zeros(b, t, dtype=torch.long)
     slots = torch.zeros(b * t, dtype=torch.long)
     for r in range(b):
@@ -367,6 +372,16 @@ def test_compile_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatc
         f"{n}-kv{NUM_BLOCKS}" for n in names)
     graph_files = sorted(p.name for p in (out / "graphs").iterdir())
     assert graph_files == sorted(f"{n}.air" for n in names)
+    # torchair's GE options per graph, kept for offline (GE/ATC) deployment.
+    assert sorted(p.name for p in (out / "ge_options").iterdir()) == sorted(
+        [*names, "README.txt"])
+    for n in names:
+        opts = json.loads((out / "ge_options" / n / "options.json").read_text())
+        assert set(opts) == {"compile options", "execute options"}
+        assert set(opts["compile options"]) == {"global", "session", "graph"}
+        # The graph's own input shapes are among its compile options.
+        assert opts["compile options"]["graph"]["ge.inputHintShape"]
+        assert opts["execute options"]["global"]["ge.exec.staticMemoryPolicy"] == "2"
     # One weights file, the only tensor data in the artifact.
     assert manifest.weights_file == "weights.safetensors"
     with safe_open(str(out / manifest.weights_file), "pt") as f:
@@ -471,3 +486,203 @@ def test_ge_compile_and_run_on_npu(tiny_models, tmp_path):
         max_num_seqs=2, block_size=BLOCK, prefill_buckets=(16,), decode_batch_sizes=(1, 2),
         context_buckets=(32,)))
     assert all((tmp_path / "a" / g.file).stat().st_size > 0 for g in manifest.graphs)
+
+
+# --- dimension gears (--ge-dim-gears) ----------------------------------------
+
+GEARED_PLAN = dict(max_model_len=32, max_num_seqs=4, block_size=BLOCK, prefill_buckets=(16,),
+                   decode_batch_sizes=(1, 2, 4), context_buckets=(16, 32))
+
+
+def _geared_backend(output="", gears=True):
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.ge import GeBackend
+
+    return GeBackend(CompileConfig(model="m", output=str(output), backend="ge", device="npu",
+                                   num_gpu_blocks_override=NUM_BLOCKS, ge_dim_gears=gears))
+
+
+def test_dim_gears_grouping():
+    """One graph per decode context width over the batch sizes >= 2, at the
+    largest; batch 1 and prefill keep their own graphs."""
+    from aotllm.graphs.buckets import plan_buckets
+
+    plan = plan_buckets(GEARED_PLAN["max_model_len"], GEARED_PLAN["max_num_seqs"], BLOCK,
+                        prefill_buckets=(16,), decode_batch_sizes=(1, 2, 4),
+                        context_buckets=(16, 32))
+    backend = _geared_backend()
+    groups = {g.name: sorted(b.name for b in served)
+              for g, served in backend.graph_groups(plan.buckets)}
+    assert groups == {
+        "prefill_b1_t16_c2": ["prefill_b1_t16_c2"],
+        "decode_b1_t1_c1": ["decode_b1_t1_c1"], "decode_b1_t1_c2": ["decode_b1_t1_c2"],
+        "decode_b4_t1_c1": ["decode_b2_t1_c1", "decode_b4_t1_c1"],
+        "decode_b4_t1_c2": ["decode_b2_t1_c2", "decode_b4_t1_c2"],
+    }
+    assert {b.name: g for b, g in backend.gears.items()} == {
+        "decode_b4_t1_c1": (2, 4), "decode_b4_t1_c2": (2, 4)}
+    # Off: a graph per bucket, nothing geared.
+    plain = _geared_backend(gears=False)
+    assert [s for _, s in plain.graph_groups(plan.buckets)] == [(b,) for b in plan.buckets]
+    assert not plain.gears
+
+
+def test_dim_gears_refused_elsewhere():
+    from aotllm.compiler.config import CompileConfig
+
+    with pytest.raises(ValueError, match="--ge-dim-gears.*inductor backend"):
+        CompileConfig(model="m", output="o", backend="inductor", ge_dim_gears=True)
+
+
+def test_dim_gears_ge_options(cases):
+    """GE gets the geared batch dimension: `ge.inputShape` has -1 exactly at
+    dim 0 of the six step inputs, `ge.dynamicDims` lists exactly the gears
+    (zipped: one batch size for all six per gear)."""
+    from aotllm.graphs.buckets import Bucket
+
+    case = cases("llama-gqa", None)
+    backend = _geared_backend()
+    top = Bucket("decode", 4, 1, MAXB)
+    served = (Bucket("decode", 2, 1, MAXB), top)
+    backend.gears[top] = tuple(b.batch for b in served)
+    model = copy.deepcopy(case.npu).to("meta")
+    args = backend.example_inputs(top, case.spec, model.dtype, torch.device("meta"))
+    harness.RECORD.clear()
+    fn = backend.compiled(model)
+    with harness.torch_npu_standin(), torch.no_grad(), pytest.raises(harness.NeedsCann):
+        fn(*args)
+    torch._dynamo.reset()
+    assert len(harness.RECORD.loads) == 1
+    options = harness.RECORD.loads[0][1]
+    assert options["ge.dynamicNodeType"] == "1"
+    shapes = [tuple(int(x) for x in item.split(":")[1].split(","))
+              for item in options["ge.inputShape"].split(";")]
+    dynamic = Counter(s for s in shapes if -1 in s)
+    assert dynamic == Counter({(-1, 1): 2, (-1,): 3, (-1, MAXB): 1}), dynamic
+    # Weights and KV caches stay static.
+    static = [s for s in shapes if -1 not in s]
+    assert static.count(tuple(case.spec.layer_shape(NUM_BLOCKS))) == case.spec.num_layers
+    gears = {tuple(int(x) for x in g.split(",")) for g in options["ge.dynamicDims"].split(";")}
+    assert gears == {(2,) * 6, (4,) * 6}
+
+
+def test_dim_gears_eager_numerics(torchair, cases, one_thread):
+    """One geared graph, run eagerly (debug.run_eagerly) at both of its batch
+    sizes: one dynamo graph serves both, and each matches eager TorchOps."""
+    from torch._dynamo.utils import counters
+
+    from aotllm.graphs.buckets import Bucket
+
+    case = cases("llama-gqa", None, "float32")
+    backend = _geared_backend()
+    top = Bucket("decode", 4, 1, MAXB)
+    backend.gears[top] = (2, 4)
+    torch._dynamo.reset()
+    counters.clear()
+    fn = backend.compiled(case.npu, run_eagerly=True)
+    for batch in (4, 2):
+        args = list(_step_inputs(Bucket("decode", batch, 1, MAXB), case.spec,
+                                 case.ref.config.vocab_size, seed=batch))
+        if batch == 4:  # traced with the gears, as compile_bucket does
+            for t in args[:6]:
+                torchair.inference.set_dim_gears(t, {0: [2, 4]})
+        ref_kv = [c.clone() for c in args[-1]]
+        npu_kv = [c.clone() for c in args[-1]]
+        with torch.no_grad():
+            want = case.ref(*args[:-1], ref_kv)
+            with harness.torch_npu_standin():
+                got = fn(*args[:-1], npu_kv)
+        assert got.shape == (batch, case.ref.config.vocab_size)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+        for a, e in zip(npu_kv, ref_kv):
+            torch.testing.assert_close(a[:, 1:], e[:, 1:], rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+def test_compile_artifact_dim_gears(torchair, tiny_models, tmp_path, monkeypatch):
+    """--ge-dim-gears through the pipeline: fewer graph files than buckets,
+    the buckets of a geared graph name one file, and the artifact verifies."""
+    from aotllm.compiler import backends
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+    from aotllm.graphs.manifest import Manifest, verify_files
+
+    monkeypatch.setitem(backends.BACKENDS, "ge", f"{__name__}:OffDeviceGe")
+    out = tmp_path / "a"
+    cfg = CompileConfig(model=str(tiny_models.get("llama-gqa")), output=str(out),
+                        dtype="bfloat16", backend="ge", device="npu",
+                        num_gpu_blocks_override=NUM_BLOCKS, ge_dim_gears=True, **GEARED_PLAN)
+    harness.RECORD.clear()
+    compile_artifact(cfg)
+    torch._dynamo.reset()
+    manifest = Manifest.read(out)
+    files = {e.bucket.name: e.file for e in manifest.graphs}
+    assert len(files) == 7  # 1 prefill + 3 batch sizes x 2 contexts
+    assert files["decode_b2_t1_c1"] == files["decode_b4_t1_c1"] == "graphs/decode_b4_t1_c1.air"
+    assert files["decode_b2_t1_c2"] == files["decode_b4_t1_c2"] == "graphs/decode_b4_t1_c2.air"
+    on_disk = sorted(p.name for p in (out / "graphs").iterdir())
+    assert on_disk == sorted({Path(f).name for f in files.values()})
+    assert len(on_disk) == 5 == len(harness.RECORD.exports) < len(files)
+    # The geared export and cache compile both saw the gears.
+    geared = [o for _, o in harness.RECORD.loads if "ge.dynamicDims" in o]
+    assert len(geared) == 2 and all(
+        {g.split(",")[0] for g in o["ge.dynamicDims"].split(";")} == {"2", "4"} for o in geared)
+    verify_files(manifest, out, check_hashes=True)
+    # A recompile reuses every graph (shared ones included).
+    harness.RECORD.clear()
+    compile_artifact(cfg)
+    torch._dynamo.reset()
+    assert not harness.RECORD.exports
+    assert Manifest.read(out).graphs == manifest.graphs
+
+
+# --- the runtime loader's model (quantized artifacts) ------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_ge_loader_binds_quantized(cases, scheme, one_thread):
+    """GeLoader rebuilds the model from the manifest's record (quantized
+    skeleton, NPU layout, buffers as Parameters), binds the stored tensors
+    without copying, and that model run eagerly (NpuOps, CPU reference
+    kernels) gives the compile-time reference's logits (fp32: exact up to
+    rounding)."""
+    import types
+
+    from aotllm.models.npu_ops import prepare
+    from aotllm.runtime.ge_loader import GeLoader
+
+    case = cases("llama-gqa", scheme, "float32")
+    stored = copy.deepcopy(case.npu)
+    prepare(stored)  # what write_weights stores
+    constants = {n: p.detach() for n, p in stored.named_parameters(remove_duplicate=False)}
+    manifest = types.SimpleNamespace(dtype="float32", model_config=case.ref.config.hf_config,
+                                     quantization=case.record)
+    model = GeLoader()._bound_model(manifest, constants, torch.device("cpu"))
+    bound = dict(model.named_parameters(remove_duplicate=False))
+    assert bound.keys() == constants.keys()
+    assert all(bound[n].data_ptr() == constants[n].data_ptr() for n in bound)
+    if scheme is not None:
+        w = bound["model.layers.0.mlp.down_proj.weight"]
+        assert w.dtype == torch.int8 and w.shape == (128, 64)  # [in, out]
+    bucket = _bucket(("decode", 2, 1))
+    args = _step_inputs(bucket, case.spec, case.ref.config.vocab_size, seed=11)
+    with torch.no_grad():
+        want = case.ref(*args[:-1], [c.clone() for c in args[-1]])
+        with harness.torch_npu_standin():
+            got = model(*args[:-1], [c.clone() for c in args[-1]])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def test_ge_loader_rejects_a_mismatched_record(cases):
+    import types
+
+    from aotllm.graphs.manifest import ArtifactError
+    from aotllm.runtime.ge_loader import GeLoader
+
+    case = cases("llama-gqa", "w8a16")
+    # A record whose count of quantized linears the model cannot have.
+    manifest = types.SimpleNamespace(dtype="bfloat16", model_config=case.ref.config.hf_config,
+                                     quantization={**case.record, "quantized_linears": 3})
+    with pytest.raises(ArtifactError, match="quantization record does not fit"):
+        GeLoader()._bound_model(manifest, {}, torch.device("cpu"))
