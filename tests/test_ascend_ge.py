@@ -234,6 +234,29 @@ def test_ge_eager_numerics_fp32(cases, model, scheme, bucket_spec, one_thread):
         torch.testing.assert_close(a[:, 1:], e[:, 1:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", [None, "w8a16"])
+def test_ge_eager_matches_inductor_artifact(cases, artifacts, scheme, one_thread):
+    """The issue's reference, directly: the GE graph run eagerly against the
+    Inductor backend's compiled graph of the same bucket, same inputs (float32,
+    so both should agree to rounding noise)."""
+    from aotllm.runtime.artifact import load_artifact
+
+    case = cases("llama-gqa", scheme, "float32")
+    art = load_artifact(artifacts.get("llama-gqa", "float32", scheme, max_model_len=MAXB * BLOCK,
+                                      max_num_seqs=2, block_size=BLOCK, prefill_buckets=(16,),
+                                      decode_batch_sizes=(1, 2), context_buckets=(MAXB * BLOCK,)),
+                        torch.device("cpu"))
+    assert set(art.graphs) == {_bucket(b) for b in BUCKETS}
+    for bucket_spec in BUCKETS:
+        got, _, npu_kv, _, args = _run_both(case, bucket_spec)
+        ind_kv = [c.clone() for c in args[-1]]
+        want = art.graphs[_bucket(bucket_spec)]([*args[:-1], *ind_kv])[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+        for a, e in zip(npu_kv, ind_kv):
+            torch.testing.assert_close(a[:, 1:], e[:, 1:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("model,scheme,bucket_spec", PARAMS)
 def test_ge_eager_numerics(cases, model, scheme, bucket_spec, one_thread):
     """bf16, as served. The paths round at different points (RmsNorm and

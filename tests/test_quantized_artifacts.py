@@ -11,7 +11,7 @@ import torch
 
 from aotllm import LLM, SamplingParams
 from aotllm.cli import main
-from aotllm.compiler.pipeline import _write_weights
+from aotllm.compiler.weights import write_safetensors
 from aotllm.graphs.manifest import ArtifactError, Manifest
 from aotllm.models.loader import load_model
 from aotllm.quantize.apply import quantize_model
@@ -91,8 +91,9 @@ def test_w8a16_weights_file_at_most_055_of_bf16(tiny_models, tmp_path):
         model = load_model(ckpt, "bfloat16")
         if scheme:
             quantize_model(model, QuantConfig(scheme))
-        path = tmp_path / f"{scheme}.safetensors"
-        _write_weights(model, path)
+        out = tmp_path / str(scheme)
+        out.mkdir()
+        path = out / write_safetensors(model, out)[0]
         sizes[scheme] = path.stat().st_size
     ratio = sizes["w8a16"] / sizes[None]
     assert ratio <= 0.55, ratio
