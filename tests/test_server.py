@@ -376,6 +376,33 @@ def test_metrics_count_a_request(server, client, tok):
     assert _metric(server, "vllm:kv_cache_usage_perc") == 0
 
 
+def test_repeated_prefix_is_prefilled_once(server, client, llm, tok):
+    # Words no other test sends, so the first request finds nothing cached.
+    prefix = " ".join(f"quokka{i} zebra{i}" for i in range(12))
+    prompts = [prefix + " first", prefix + " second"]
+    ids = [tok.encode(p) for p in prompts]
+    common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    block = 4  # EAGER_FLAGS' --block-size
+    expected_hit = min(common, len(ids[1]) - 1) // block * block
+    assert expected_hit >= 40
+    before = (_metric(server, "vllm:prefix_cache_queries_total"),
+              _metric(server, "vllm:prefix_cache_hits_total"), _kv(server)["prefix_cache_hits"])
+    for p in prompts:
+        r = client.completions.create(model="tiny", prompt=p, **GREEDY)
+        # Greedy output with a cache hit equals the in-process engine's.
+        assert r.choices[0].text == _ref(llm, p, temperature=0, max_tokens=12,
+                                         ignore_eos=True).outputs[0].text
+    after = (_metric(server, "vllm:prefix_cache_queries_total"),
+             _metric(server, "vllm:prefix_cache_hits_total"), _kv(server)["prefix_cache_hits"])
+    assert after[0] - before[0] == len(ids[0]) + len(ids[1])
+    assert after[1] - before[1] == expected_hit
+    assert after[2] - before[2] == expected_hit
+    kv = _kv(server)
+    # Nothing held; the prefix's blocks are free but still cached (evictable).
+    assert kv["num_used_blocks"] == 0 and kv["num_cached_free_blocks"] >= expected_hit // block
+    assert _metric(server, "vllm:kv_cache_usage_perc") == 0
+
+
 # -- the other routes ----------------------------------------------------------------
 
 
@@ -596,5 +623,8 @@ def test_server_flags(monkeypatch, capsys):
                                    "max_num_seqs": 4, "gpu_memory_utilization": 0.5}
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--gpu-memory-utilization", "1.5"])
+    for flag, value in (("--enable-prefix-caching", True),
+                        ("--no-enable-prefix-caching", False)):
+        assert engine_kwargs(parser.parse_args(["m", flag]))["enable_prefix_caching"] is value
     assert main(["serve", "--help"]) == 0
     assert "--max-waiting-requests" in capsys.readouterr().out
