@@ -628,3 +628,43 @@ def test_server_flags(monkeypatch, capsys):
         assert engine_kwargs(parser.parse_args(["m", flag]))["enable_prefix_caching"] is value
     assert main(["serve", "--help"]) == 0
     assert "--max-waiting-requests" in capsys.readouterr().out
+
+
+def test_bench_serve_report_is_consistent(server, llama_dir, tmp_path):
+    from tests.conftest import load_script
+
+    bench = load_script("bench_serve")
+    common = ["--base-url", server.url, "--api-key", KEY, "--random-output-len", "8"]
+    rep = bench.main([*common, "--num-prompts", "6", "--max-concurrency", "3",
+                      "--random-input-len", "20", "--vocab-size", "300",
+                      "--result-json", str(tmp_path / "r.json")])
+    assert (rep["completed"], rep["failed"], rep["short_outputs"]) == (6, 0, 0)
+    assert rep["model"] == "tiny"  # the first of /v1/models
+    # Token-id prompts of exactly 20 tokens; ignore_eos gives exactly 8 out.
+    assert (rep["total_input_tokens"], rep["total_output_tokens"]) == (120, 48)
+    assert rep["output_token_source"] == "usage"
+    d = rep["duration_s"]
+    assert rep["request_throughput"] == pytest.approx(6 / d)
+    assert rep["output_throughput"] == pytest.approx(48 / d)
+    assert rep["total_token_throughput"] == pytest.approx(168 / d)
+    assert 0 < rep["p50_ttft_ms"] <= rep["p99_ttft_ms"] <= rep["p99_e2el_ms"] <= d * 1000
+    assert 0 < rep["p50_tpot_ms"] <= rep["p99_tpot_ms"]
+    assert 0 < rep["mean_itl_ms"] and rep["p99_itl_ms"] <= rep["p99_e2el_ms"]
+    assert json.loads((tmp_path / "r.json").read_text()) == rep
+
+    # Text prompts through the tokenizer, the chat route, Poisson arrivals.
+    rep = bench.main([*common, "--num-prompts", "4", "--request-rate", "50",
+                      "--tokenizer", str(llama_dir), "--endpoint", "/v1/chat/completions"])
+    assert (rep["completed"], rep["total_output_tokens"], rep["short_outputs"]) == (4, 32, 0)
+    assert rep["total_input_tokens"] > 4 * 20  # the chat template adds tokens
+
+    # A server that sends no usage (llama.cpp's): outputs counted per chunk.
+    rep = bench.main([*common, "--num-prompts", "2", "--vocab-size", "300",
+                      "--extra-body", '{"stream_options": {"include_usage": false}}'])
+    assert rep["completed"] == 2 and rep["output_token_source"] == "chunks"
+    assert 0 < rep["total_output_tokens"] <= 16
+
+    # A failing request is reported, not fatal.
+    rep = bench.main([*common, "--num-prompts", "2", "--vocab-size", "300",
+                      "--model", "no-such-model"])
+    assert rep["completed"] == 0 and rep["failed"] == 2 and "HTTP 404" in rep["errors"][0]
