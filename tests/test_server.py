@@ -273,8 +273,10 @@ def test_echo(client, llm):
 
 
 def test_burst_of_streaming_clients(server, llm, tok):
-    n = 24
-    prompts = [" ".join(["word"] * (1 + 3 * i)) for i in range(n)]
+    # The load check: 64 streams against 16 running slots, so most
+    # wait in the queue first; mixed prompt and output lengths.
+    n = 64
+    prompts = [" ".join(["word"] * (1 + (3 * i) % 91)) for i in range(n)]
     max_tokens = [5 + (7 * i) % 60 for i in range(n)]
     aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0,
                                  timeout=120)
