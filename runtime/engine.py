@@ -173,6 +173,11 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.get_num_unfinished_requests()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix no request holds; False when caching is off."""
+        self.scheduler.block_manager.reset_prefix_cache()
+        return self.scheduler.enable_prefix_caching
+
     def scheduler_stats(self) -> SchedulerStats:
         return self.engine_core.stats()
 

@@ -22,6 +22,9 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     block_size: int = 16
     enforce_eager: bool = False
+    # vLLM v1's default: full KV blocks are shared across requests by the
+    # hash of their token prefix (runtime/block_manager.py).
+    enable_prefix_caching: bool = True
     device: str = "auto"
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False

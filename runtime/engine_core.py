@@ -49,7 +49,12 @@ class SchedulerStats:
     num_running: int
     num_waiting: int
     num_blocks: int  # usable blocks (the null block excluded)
-    num_free_blocks: int
+    num_free_blocks: int  # evictable cached blocks included
+    # Free blocks that still hold a cached prefix (reused last, LRU).
+    num_cached_free_blocks: int = 0
+    # Cumulative prefix-cache lookups on first admission, in tokens.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -95,15 +100,15 @@ class EngineCore:
             num_waiting=self.scheduler.num_waiting,
             num_blocks=bm.num_usable_blocks,
             num_free_blocks=bm.num_free_blocks,
+            num_cached_free_blocks=bm.num_cached_free_blocks,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
         )
 
     def step(self) -> EngineCoreOutputs:
         sched = self.scheduler.schedule()
         scheduled_time = time.time()
-        # A request's first schedule starts at position 0 and has never been
-        # preempted (a recompute also starts at 0, but is not a first).
-        first = [s.request_id for s in sched.seqs
-                 if s.start_pos == 0 and s.request.num_preemptions == 0]
+        first = sched.first_scheduled_ids
         sampled = self.runner.execute(sched)
         updated = self.scheduler.update(sched, {rid: s.token_id for rid, s in sampled.items()})
         outputs = []
@@ -115,6 +120,7 @@ class EngineCore:
                 new_logprobs=[tok.logprobs] if tok.logprobs is not None else None,
                 status=req.status,
                 stop_reason=req.stop_reason,
+                num_cached_tokens=max(req.num_cached_tokens, 0),
             ))
         return EngineCoreOutputs(outputs=outputs, timestamp=time.time(), first_scheduled=first,
                                  scheduled_time=scheduled_time, stats=self.stats())

@@ -66,7 +66,8 @@ def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_b
     num_blocks = determine_num_blocks(cache_config, sched_config, kv_spec, device, weights_bytes)
     eos = eos_token_ids(tokenizer_dir, hf_config, tokenizer, generation_config)
     runner = ModelRunner(executor, kv_spec, num_blocks, Sampler(eos), kv_dtype, args.seed)
-    scheduler = Scheduler(sched_config, kv_spec.block_size, num_blocks)
+    scheduler = Scheduler(sched_config, kv_spec.block_size, num_blocks,
+                          enable_prefix_caching=args.enable_prefix_caching)
     return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, hf_config["vocab_size"])
 
 

@@ -153,6 +153,10 @@ class OutputProcessor:
                 continue  # aborted since it was scheduled
             state = self._states[rid]
             sample = state.samples[out.request_id]
+            if sample.index == 0:
+                # The first sample's hit is what the prompt found in the cache
+                # on arrival; the other samples then hit what it computed.
+                state.num_cached_tokens = out.num_cached_tokens
             if self._process_sample(sample, out):
                 reqs_to_stop.append(out.request_id)
             touched.setdefault(rid, []).append(sample)

@@ -42,6 +42,12 @@ class Request:
     # The token id that ended the request (EOS / stop token), if any.
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # Prefix-cache hashes of the request's full blocks (prompt and output),
+    # filled by the scheduler as it needs them; tokens never change, so they
+    # survive preemption.
+    block_hashes: list[bytes] = field(default_factory=list)
+    # Prompt tokens found in the prefix cache when first scheduled (-1: not yet).
+    num_cached_tokens: int = -1
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -85,6 +91,8 @@ class SchedulerOutput:
     # Requests that finished or were aborted since the last step; the runner
     # drops its per-request state (e.g. seeded generators) for them.
     finished_ids: list[str] = field(default_factory=list)
+    # Requests scheduled for the first time this step (not recomputes).
+    first_scheduled_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -8,6 +8,17 @@ exists, every running request decodes one token. Running out of KV-cache
 blocks preempts the most recently admitted request, which drops its blocks and
 is later recomputed from position 0 (vLLM's recompute preemption).
 
+With prefix caching, every full block is registered in the block manager's
+cache as soon as its tokens are scheduled, and a request being admitted takes
+the longest cached run of its leading blocks by reference: it starts with
+those tokens computed, so only the rest is prefilled. A hit may be a block
+that an earlier row of the same step writes (the `n` samples of one prompt
+admitted together): the runner runs rows in order, and a model writes a
+layer's K/V for every row before any row attends, so the row that hits reads
+K/V already written. The last token is always computed, so that there are
+logits to sample. A recompute after preemption finds its own blocks again if
+they were not evicted meanwhile.
+
 As in vLLM V1, scheduled tokens count as computed the moment they are
 scheduled; `update` only appends the sampled tokens and checks stop conditions.
 """
@@ -16,7 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from aotllm.runtime.block_manager import BlockManager
+from aotllm.runtime.block_manager import ROOT_HASH, BlockManager, hash_block_tokens
 from aotllm.runtime.config import SchedulerConfig
 from aotllm.runtime.request import Request, RequestStatus, ScheduledSeq, SchedulerOutput
 
@@ -40,9 +51,16 @@ def _token_slice(request: Request, start: int, stop: int) -> list[int]:
 
 
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_blocks: int) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_blocks: int,
+                 enable_prefix_caching: bool = False) -> None:
         self.config = scheduler_config
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        # Prefix-cache lookups on first admission (vLLM's prefix_cache_queries /
+        # _hits, in tokens), cumulative. Recomputes after preemption are not
+        # counted: they would count the same prompt again.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.waiting: deque[Request] = deque()
         # In admission order: the last one is the first to be preempted.
         self.running: list[Request] = []
@@ -136,7 +154,37 @@ class Scheduler:
             sample=sample,
         )
         request.num_computed_tokens += num_new
+        self._cache_full_blocks(request)
         return seq
+
+    # -- prefix caching ------------------------------------------------------
+
+    def _ensure_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The hashes of the request's first `num_blocks` full blocks (computed once)."""
+        hashes = request.block_hashes
+        bs = self.block_manager.block_size
+        while len(hashes) < num_blocks:
+            start = len(hashes) * bs
+            parent = hashes[-1] if hashes else ROOT_HASH
+            hashes.append(hash_block_tokens(parent, _token_slice(request, start, start + bs)))
+        return hashes
+
+    def _cache_full_blocks(self, request: Request) -> None:
+        # Scheduled tokens count as computed: their K/V are written in this
+        # step, before any later step can read them.
+        if not self.enable_prefix_caching:
+            return
+        full = request.num_computed_tokens // self.block_manager.block_size
+        hashes = self._ensure_hashes(request, full)
+        self.block_manager.cache_blocks(request.request_id, hashes, full)
+
+    def _cache_hits(self, request: Request) -> list[int]:
+        """Cached blocks for the request's leading tokens, never its last token."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_manager.block_size
+        hashes = self._ensure_hashes(request, max_blocks)
+        return self.block_manager.get_computed_blocks(hashes, max_blocks)
 
     # -- the step ------------------------------------------------------------
 
@@ -151,13 +199,22 @@ class Scheduler:
             f"{self.waiting[0].request_id} does not fit in an empty KV cache"
         )
         finished, self._finished_ids = self._finished_ids, []
+        first = [s.request_id for s in seqs if s.request.num_cached_tokens < 0]
+        for s in seqs:
+            if s.request.num_cached_tokens < 0:
+                s.request.num_cached_tokens = s.start_pos
         return SchedulerOutput(
-            phase=phase, seqs=seqs, preempted_ids=preempted, finished_ids=finished
+            phase=phase, seqs=seqs, preempted_ids=preempted, finished_ids=finished,
+            first_scheduled_ids=first,
         )
 
-    def _prefill_chunk(self, request: Request, budget: int) -> tuple[int, bool]:
-        """Tokens to prefill this step and whether the chunk reaches the last token."""
-        uncomputed = request.num_tokens - request.num_computed_tokens
+    def _prefill_chunk(self, request: Request, budget: int,
+                       start: int | None = None) -> tuple[int, bool]:
+        """Tokens to prefill this step (from `start`, default the computed
+        tokens) and whether the chunk reaches the last token."""
+        if start is None:
+            start = request.num_computed_tokens
+        uncomputed = request.num_tokens - start
         num_new = min(uncomputed, budget)
         return num_new, num_new == uncomputed
 
@@ -185,12 +242,18 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
-            num_new, sample = self._prefill_chunk(request, budget)
-            total = request.num_computed_tokens + num_new
-            if not self.block_manager.can_allocate(request.request_id, total):
+            hits = self._cache_hits(request)
+            num_cached = len(hits) * self.block_manager.block_size
+            num_new, sample = self._prefill_chunk(request, budget, start=num_cached)
+            total = num_cached + num_new
+            if not self.block_manager.can_allocate(request.request_id, total, hits):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.block_manager.allocate(request.request_id, total)
+            self.block_manager.allocate(request.request_id, total, hits)
+            request.num_computed_tokens = num_cached
+            if self.enable_prefix_caching and request.num_preemptions == 0:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             seqs.append(self._seq(request, num_new, sample))

@@ -273,8 +273,10 @@ def test_echo(client, llm):
 
 
 def test_burst_of_streaming_clients(server, llm, tok):
-    n = 24
-    prompts = [" ".join(["word"] * (1 + 3 * i)) for i in range(n)]
+    # The issue's load check: 64 streams against 16 running slots, so most
+    # wait in the queue first; mixed prompt and output lengths.
+    n = 64
+    prompts = [" ".join(["word"] * (1 + (3 * i) % 91)) for i in range(n)]
     max_tokens = [5 + (7 * i) % 60 for i in range(n)]
     aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0,
                                  timeout=120)
@@ -373,6 +375,33 @@ def test_metrics_count_a_request(server, client, tok):
     assert [a - b for a, b in zip(after, before)] == [
         len(tok.encode("count these tokens")), 7, 1, 1]
     assert _metric(server, "vllm:num_requests_running") == 0
+    assert _metric(server, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_repeated_prefix_is_prefilled_once(server, client, llm, tok):
+    # Words no other test sends, so the first request finds nothing cached.
+    prefix = " ".join(f"quokka{i} zebra{i}" for i in range(12))
+    prompts = [prefix + " first", prefix + " second"]
+    ids = [tok.encode(p) for p in prompts]
+    common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    block = 4  # EAGER_FLAGS' --block-size
+    expected_hit = min(common, len(ids[1]) - 1) // block * block
+    assert expected_hit >= 40
+    before = (_metric(server, "vllm:prefix_cache_queries_total"),
+              _metric(server, "vllm:prefix_cache_hits_total"), _kv(server)["prefix_cache_hits"])
+    for p in prompts:
+        r = client.completions.create(model="tiny", prompt=p, **GREEDY)
+        # Greedy output with a cache hit equals the in-process engine's.
+        assert r.choices[0].text == _ref(llm, p, temperature=0, max_tokens=12,
+                                         ignore_eos=True).outputs[0].text
+    after = (_metric(server, "vllm:prefix_cache_queries_total"),
+             _metric(server, "vllm:prefix_cache_hits_total"), _kv(server)["prefix_cache_hits"])
+    assert after[0] - before[0] == len(ids[0]) + len(ids[1])
+    assert after[1] - before[1] == expected_hit
+    assert after[2] - before[2] == expected_hit
+    kv = _kv(server)
+    # Nothing held; the prefix's blocks are free but still cached (evictable).
+    assert kv["num_used_blocks"] == 0 and kv["num_cached_free_blocks"] >= expected_hit // block
     assert _metric(server, "vllm:kv_cache_usage_perc") == 0
 
 
@@ -596,5 +625,48 @@ def test_server_flags(monkeypatch, capsys):
                                    "max_num_seqs": 4, "gpu_memory_utilization": 0.5}
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--gpu-memory-utilization", "1.5"])
+    for flag, value in (("--enable-prefix-caching", True),
+                        ("--no-enable-prefix-caching", False)):
+        assert engine_kwargs(parser.parse_args(["m", flag]))["enable_prefix_caching"] is value
     assert main(["serve", "--help"]) == 0
     assert "--max-waiting-requests" in capsys.readouterr().out
+
+
+def test_bench_serve_report_is_consistent(server, llama_dir, tmp_path):
+    from tests.conftest import load_script
+
+    bench = load_script("bench_serve")
+    common = ["--base-url", server.url, "--api-key", KEY, "--random-output-len", "8"]
+    rep = bench.main([*common, "--num-prompts", "6", "--max-concurrency", "3",
+                      "--random-input-len", "20", "--vocab-size", "300",
+                      "--result-json", str(tmp_path / "r.json")])
+    assert (rep["completed"], rep["failed"], rep["short_outputs"]) == (6, 0, 0)
+    assert rep["model"] == "tiny"  # the first of /v1/models
+    # Token-id prompts of exactly 20 tokens; ignore_eos gives exactly 8 out.
+    assert (rep["total_input_tokens"], rep["total_output_tokens"]) == (120, 48)
+    assert rep["output_token_source"] == "usage"
+    d = rep["duration_s"]
+    assert rep["request_throughput"] == pytest.approx(6 / d)
+    assert rep["output_throughput"] == pytest.approx(48 / d)
+    assert rep["total_token_throughput"] == pytest.approx(168 / d)
+    assert 0 < rep["p50_ttft_ms"] <= rep["p99_ttft_ms"] <= rep["p99_e2el_ms"] <= d * 1000
+    assert 0 < rep["p50_tpot_ms"] <= rep["p99_tpot_ms"]
+    assert 0 < rep["mean_itl_ms"] and rep["p99_itl_ms"] <= rep["p99_e2el_ms"]
+    assert json.loads((tmp_path / "r.json").read_text()) == rep
+
+    # Text prompts through the tokenizer, the chat route, Poisson arrivals.
+    rep = bench.main([*common, "--num-prompts", "4", "--request-rate", "50",
+                      "--tokenizer", str(llama_dir), "--endpoint", "/v1/chat/completions"])
+    assert (rep["completed"], rep["total_output_tokens"], rep["short_outputs"]) == (4, 32, 0)
+    assert rep["total_input_tokens"] > 4 * 20  # the chat template adds tokens
+
+    # A server that sends no usage (llama.cpp's): outputs counted per chunk.
+    rep = bench.main([*common, "--num-prompts", "2", "--vocab-size", "300",
+                      "--extra-body", '{"stream_options": {"include_usage": false}}'])
+    assert rep["completed"] == 2 and rep["output_token_source"] == "chunks"
+    assert 0 < rep["total_output_tokens"] <= 16
+
+    # A failing request is reported, not fatal.
+    rep = bench.main([*common, "--num-prompts", "2", "--vocab-size", "300",
+                      "--model", "no-such-model"])
+    assert rep["completed"] == 0 and rep["failed"] == 2 and "HTTP 404" in rep["errors"][0]

@@ -214,10 +214,15 @@ def build_app(args: argparse.Namespace, engine: AsyncLLM, metrics: ServerMetrics
 
     @app.get("/debug/kv")
     async def debug_kv():
-        # Read across threads without a lock: each figure is one atomic len().
+        # Read across threads without a lock: each figure is a len() or two, so
+        # a step in flight may skew them by a block, never corrupt them.
         stats = engine.engine.scheduler_stats()
         return {"num_blocks": stats.num_blocks, "num_free_blocks": stats.num_free_blocks,
                 "num_used_blocks": stats.num_blocks - stats.num_free_blocks,
+                # Free blocks that still hold a cached prefix: evictable, not leaked.
+                "num_cached_free_blocks": stats.num_cached_free_blocks,
+                "prefix_cache_queries": stats.prefix_cache_queries,
+                "prefix_cache_hits": stats.prefix_cache_hits,
                 "num_running": stats.num_running, "num_waiting": stats.num_waiting,
                 "num_unfinished_requests": engine.engine.get_num_unfinished_requests()}
 

@@ -70,6 +70,10 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool) -> 
     e.add_argument("--gpu-memory-utilization", type=_fraction, default=None, metavar="F")
     e.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N")
     e.add_argument("--block-size", type=_positive_int, default=None, metavar="N")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="share the KV blocks of repeated prompt prefixes across requests "
+                        "(default: on, as in vLLM v1)")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--tokenizer", default=None, metavar="DIR")
     e.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
@@ -82,7 +86,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                     "enforce_eager": args.enforce_eager}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "gpu_memory_utilization", "num_gpu_blocks_override", "block_size", "seed",
-                 "tokenizer", "quantization"):
+                 "tokenizer", "quantization", "enable_prefix_caching"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value

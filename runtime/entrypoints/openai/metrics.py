@@ -38,7 +38,18 @@ class ServerMetrics:
                               "KV-cache usage: 1 means every block is taken.")
         self.gpu_kv_usage = gauge("vllm:gpu_cache_usage_perc",
                                   "KV-cache usage (vLLM's older name).")
-        self.free_blocks = gauge("aotllm:kv_cache_free_blocks", "KV-cache blocks free.")
+        self.free_blocks = gauge("aotllm:kv_cache_free_blocks",
+                                 "KV-cache blocks free (evictable cached ones included).")
+        self.cached_free_blocks = gauge("aotllm:kv_cache_cached_free_blocks",
+                                        "Free KV-cache blocks still holding a cached prefix.")
+        self.prefix_queries = Counter("vllm:prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.",
+                                      **kw).labels(name)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache.", **kw).labels(name)
+        # The scheduler's counters are cumulative; the Prometheus counters
+        # advance by the difference since the last step.
+        self._last_prefix = (0, 0)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens.",
                                      **kw).labels(name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.",
@@ -61,6 +72,11 @@ class ServerMetrics:
         self.kv_usage.set(sched.kv_cache_usage)
         self.gpu_kv_usage.set(sched.kv_cache_usage)
         self.free_blocks.set(sched.num_free_blocks)
+        self.cached_free_blocks.set(sched.num_cached_free_blocks)
+        queries, hits = sched.prefix_cache_queries, sched.prefix_cache_hits
+        self.prefix_queries.inc(queries - self._last_prefix[0])
+        self.prefix_hits.inc(hits - self._last_prefix[1])
+        self._last_prefix = (queries, hits)
         if num_aborted:
             self.success["abort"].inc(num_aborted)
         if it is None:
