@@ -50,7 +50,7 @@ class RequestResult:
     output_tokens: int | None = None  # from usage or the tokenizer
     num_chunks: int = 0  # streamed chunks that carried text
     text: str = ""
-    ttft: float = 0.0
+    ttft: float | None = None  # None: no text ever arrived
     itl: list[float] = field(default_factory=list)  # gaps between text chunks
     latency: float = 0.0
 
@@ -129,8 +129,16 @@ def build_requests(args, tokenizer) -> list[RequestSpec]:
         if tokenizer is None:
             specs.append(RequestSpec(ids, n, out_len))
         else:
-            # Decoded text re-tokenizes to about n tokens (vLLM's random dataset does the same).
-            specs.append(RequestSpec(tokenizer.decode(ids), None, out_len))
+            # Random ids decode to text that re-tokenizes to more tokens (byte-level
+            # BPE merges differ at the seams: up to 1.6x here), which overflowed
+            # the context. Re-encode and cut until the text is exactly n tokens.
+            text = tokenizer.decode(ids)
+            for _ in range(8):
+                again = tokenizer.encode(text, add_special_tokens=False)
+                if len(again) <= n:
+                    break
+                text = tokenizer.decode(again[:n])
+            specs.append(RequestSpec(text, None, out_len))
     return specs
 
 
@@ -181,9 +189,12 @@ async def send(client, args, spec: RequestSpec) -> RequestResult:
                     res.num_chunks += 1
                     res.text += text
         res.latency = time.perf_counter() - start
-        res.success = res.num_chunks > 0
+        # A random-weight model can sample only tokens that decode to nothing
+        # (special or partial UTF-8 tokens): no text, yet the usage chunk
+        # counts its tokens. Such a request succeeded; it has no TTFT.
+        res.success = res.num_chunks > 0 or bool(res.output_tokens)
         if not res.success:
-            res.error = "the stream carried no text"
+            res.error = "the stream carried no text and no usage"
     except Exception as exc:  # one failed request must not end the run
         res.error = f"{type(exc).__name__}: {exc}"
     return res
@@ -211,7 +222,8 @@ def summarize(args, specs, results: list[RequestResult], duration: float, tokeni
                 r.output_tokens, source = r.num_chunks, "chunks"
     out_tokens = [r.output_tokens for r in ok]
     # TPOT: time after the first token per further token, per request (vLLM's).
-    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok
+            if r.ttft is not None and r.output_tokens > 1]
     ms = 1000.0
     report = {
         "base_url": args.base_url, "endpoint": args.endpoint, "model": args.model,
@@ -230,7 +242,7 @@ def summarize(args, specs, results: list[RequestResult], duration: float, tokeni
     report["total_token_throughput"] = (
         (report["total_input_tokens"] + report["total_output_tokens"]) / duration
         if duration else 0.0)
-    for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", tpot),
+    for name, values in (("ttft", [r.ttft for r in ok if r.ttft is not None]), ("tpot", tpot),
                          ("itl", [x for r in ok for x in r.itl]),
                          ("e2el", [r.latency for r in ok])):
         report[f"mean_{name}_ms"] = sum(values) / len(values) * ms if values else 0.0
