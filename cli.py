@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 from aotllm.graphs.devices import DEVICE_TYPES
+# argparse only, no server imports: cheap for `aotllm --help`.
+from aotllm.runtime.entrypoints.openai.cli_args import positive_int
 from aotllm.logger import LOG_DATEFMT, LOG_FORMAT
 
 logger = logging.getLogger("aotllm.cli")
@@ -39,16 +41,6 @@ def int_list(text: str) -> tuple[int, ...]:
     if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"every entry must be a positive integer, got {text!r}")
     return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:
@@ -78,16 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="inductor",
                    help="inductor (AOTInductor, cpu/cuda), ge (torchair GE graphs for Ascend "
                         "NPUs) or onnx (onnxruntime, and Ascend's ATC)")
-    c.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N",
+    c.add_argument("--num-gpu-blocks-override", type=positive_int, default=None, metavar="N",
                    help="build static-shape graphs (ge, onnx for ATC) for exactly N KV blocks")
     c.add_argument("--ge-dim-gears", action="store_true",
                    help="ge only: one decode graph per context bucket with its batch dimension "
                         "geared over the decode batch sizes (torchair set_dim_gears)")
-    c.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+    c.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
-    c.add_argument("--max-num-seqs", type=_positive_int, default=8, metavar="N",
+    c.add_argument("--max-num-seqs", type=positive_int, default=8, metavar="N",
                    help="largest decode batch (default 8)")
-    c.add_argument("--block-size", type=_positive_int, default=16, metavar="N")
+    c.add_argument("--block-size", type=positive_int, default=16, metavar="N")
     c.add_argument("--prefill-buckets", type=int_list, metavar="N,N,...",
                    help="prefill chunk lengths in tokens, e.g. 16,64,256")
     c.add_argument("--decode-batch-sizes", type=int_list, metavar="N,N,...",
@@ -100,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
                    help="w8a16 (int8 weights), w8a8 (int8 weights and per-token int8 "
                         "activations, SmoothQuant) or w8a8_static; default: none")
-    q.add_argument("--group-size", type=_positive_int, default=None, metavar="N",
+    q.add_argument("--group-size", type=positive_int, default=None, metavar="N",
                    help="w8a16: input channels per weight scale (default: one per channel)")
     q.add_argument("--smoothquant-alpha", type=float, default=0.5, metavar="A",
                    help="w8a8: migration strength in [0, 1] (default 0.5)")
@@ -139,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "token per decode step, several windows per batch).")
     e.add_argument("model", metavar="MODEL", help="artifact or checkpoint directory")
     e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file to score")
-    e.add_argument("--window", type=_positive_int, default=None, metavar="N",
+    e.add_argument("--window", type=positive_int, default=None, metavar="N",
                    help="most tokens per window (default: max_model_len, at most 1024)")
     e.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
     _add_engine_options(e)
@@ -165,8 +157,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="run the torch model eagerly")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--device", choices=("auto", *DEVICE_TYPES), default="auto")
-    parser.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
+    parser.add_argument("--max-model-len", type=positive_int, default=None, metavar="N")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=None, metavar="N")
     parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
                         help="for a checkpoint: w8a16, w8a8 or w8a8_static (see `compile`)")
 

@@ -9,7 +9,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "float", "half")
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for a positive integer (the `aotllm` CLI uses it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -46,10 +47,10 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool) -> 
     s.add_argument("--api-key", default=os.environ.get("AOTLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1, /tokenize and "
                         "/detokenize (default: $AOTLLM_API_KEY)")
-    s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
+    s.add_argument("--max-waiting-requests", type=positive_int, default=None, metavar="N",
                    help="answer 503 once N requests are waiting to be scheduled "
                         "(default: no limit)")
-    s.add_argument("--max-request-body-bytes", type=_positive_int,
+    s.add_argument("--max-request-body-bytes", type=positive_int,
                    default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                    help="answer 413 to larger request bodies (default 8 MiB)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
@@ -64,12 +65,12 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool) -> 
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or npu")
     e.add_argument("--enforce-eager", action="store_true",
                    help="run the checkpoint eagerly instead of compiling it")
-    e.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
-    e.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
-    e.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N")
+    e.add_argument("--max-model-len", type=positive_int, default=None, metavar="N")
+    e.add_argument("--max-num-seqs", type=positive_int, default=None, metavar="N")
+    e.add_argument("--max-num-batched-tokens", type=positive_int, default=None, metavar="N")
     e.add_argument("--gpu-memory-utilization", type=_fraction, default=None, metavar="F")
-    e.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None, metavar="N")
-    e.add_argument("--block-size", type=_positive_int, default=None, metavar="N")
+    e.add_argument("--num-gpu-blocks-override", type=positive_int, default=None, metavar="N")
+    e.add_argument("--block-size", type=positive_int, default=None, metavar="N")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="share the KV blocks of repeated prompt prefixes across requests "
