@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aotllm.graphs.devices import DEVICE_TYPES
 # argparse only, no server imports: cheap for `aotllm --help`.
-from aotllm.runtime.entrypoints.openai.cli_args import positive_int
+from aotllm.runtime.entrypoints.openai.cli_args import add_server_args, positive_int
 from aotllm.logger import LOG_DATEFMT, LOG_FORMAT
 
 logger = logging.getLogger("aotllm.cli")
@@ -137,8 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(e)
     _add_debug(e)
     e.set_defaults(func=cmd_eval_ppl)
-
-    from aotllm.runtime.entrypoints.openai.cli_args import add_server_args  # argparse only
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible server (/v1/completions, "
