@@ -47,6 +47,12 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's recommended defaults (its
+        generation_config.json, unless generation_config="vllm"): what
+        `generate` and `chat` use when given none."""
+        return SamplingParams(**self.llm_engine.default_sampling)
+
     def reset_prefix_cache(self) -> bool:
         """Forgets the cached prefixes no request holds (vLLM's name); True if
         prefix caching is on."""
@@ -60,7 +66,7 @@ class LLM:
     ) -> list[RequestOutput]:
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:

@@ -50,6 +50,7 @@ class LLMEngine:
         eos_token_ids: frozenset[int],
         max_model_len: int,
         vocab_size: int,
+        default_sampling: dict[str, Any] | None = None,
     ):
         self.engine_core = EngineCore(runner, scheduler)
         self.output_processor = OutputProcessor(tokenizer)
@@ -57,6 +58,9 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        # SamplingParams fields the model's generation config sets
+        # (runtime/generation_config.py): the defaults of unset request fields.
+        self.default_sampling = dict(default_sampling or {})
         # The last step's figures, for whoever exports metrics.
         self.last_iteration_stats: IterationStats | None = None
 

@@ -35,6 +35,10 @@ class EngineArgs:
     # vLLM's plugin options; aotllm reads vllm-ascend's torchair_graph_config
     # (runtime/ascend_config.py), which selects the GE backend.
     additional_config: dict | None = None
+    # vLLM's `generation_config`: "auto" takes the model's recommended
+    # sampling defaults from its generation_config.json, "vllm" ignores them,
+    # a directory reads its generation_config.json instead.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         from aotllm.quantize.config import resolve_scheme

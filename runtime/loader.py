@@ -23,6 +23,7 @@ from aotllm.runtime.config import CacheConfig, SchedulerConfig
 from aotllm.runtime.devices import is_available
 from aotllm.runtime.engine import LLMEngine
 from aotllm.runtime.engine_args import EngineArgs
+from aotllm.runtime.generation_config import default_sampling_overrides, read_generation_config
 from aotllm.runtime.kv_budget import determine_num_blocks
 from aotllm.runtime.model_runner import EagerExecutor, ModelRunner
 from aotllm.runtime.sampler import Sampler
@@ -64,11 +65,15 @@ def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_b
         num_gpu_blocks_override=args.num_gpu_blocks_override,
     )
     num_blocks = determine_num_blocks(cache_config, sched_config, kv_spec, device, weights_bytes)
-    eos = eos_token_ids(tokenizer_dir, hf_config, tokenizer, generation_config)
+    model_generation_config = read_generation_config(tokenizer_dir, "auto", generation_config)
+    eos = eos_token_ids(tokenizer_dir, hf_config, tokenizer, model_generation_config)
+    if args.generation_config != "auto":
+        model_generation_config = read_generation_config(args.model, args.generation_config)
     runner = ModelRunner(executor, kv_spec, num_blocks, Sampler(eos), kv_dtype, args.seed)
     scheduler = Scheduler(sched_config, kv_spec.block_size, num_blocks,
                           enable_prefix_caching=args.enable_prefix_caching)
-    return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, hf_config["vocab_size"])
+    return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, hf_config["vocab_size"],
+                     default_sampling_overrides(model_generation_config))
 
 
 def _build_compiled_engine(args: EngineArgs) -> LLMEngine:

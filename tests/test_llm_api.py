@@ -473,3 +473,47 @@ def test_chat_batch_of_conversations(llm, tok):
     alone = llm.chat(convs[1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                      use_tqdm=False)[0]
     assert _tokens(alone) == _tokens(outs[1])
+
+
+# -- the model's generation config (vLLM's --generation-config) ----------------
+
+
+@pytest.fixture(scope="module")
+def recommending_dir(llama_dir, tmp_path_factory):
+    """The tiny checkpoint, its generation_config.json recommending sampling values."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("gen-config") / "model"
+    shutil.copytree(llama_dir, out)
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen.update(temperature=0.0, max_new_tokens=5, repetition_penalty=1.3)
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    return out
+
+
+def test_generation_config_sets_default_sampling(recommending_dir):
+    llm = _engine(recommending_dir)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.max_tokens, defaults.repetition_penalty) == (
+        0.0, 5, 1.3)
+    prompt = "the quick brown fox"
+    explicit = SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.3)
+    assert _tokens(_gen(llm, prompt, None)[0]) == _tokens(_gen(llm, prompt, explicit)[0])
+    # chat takes the same defaults.
+    conv = [{"role": "user", "content": "hello"}]
+    assert _tokens(llm.chat(conv, use_tqdm=False)[0]) == _tokens(
+        llm.chat(conv, explicit, use_tqdm=False)[0])
+    assert len(_tokens(llm.chat(conv, use_tqdm=False)[0])) <= 5
+
+
+def test_generation_config_vllm_ignores_it(recommending_dir, llama_dir, tmp_path):
+    defaults = _engine(recommending_dir, generation_config="vllm").get_default_sampling_params()
+    plain = SamplingParams()
+    assert (defaults.temperature, defaults.max_tokens, defaults.repetition_penalty) == (
+        plain.temperature, plain.max_tokens, plain.repetition_penalty)
+    # A directory: its generation_config.json instead of the model's.
+    from_dir = _engine(llama_dir, generation_config=str(recommending_dir))
+    assert from_dir.get_default_sampling_params().max_tokens == 5
+    with pytest.raises(ValueError, match="generation_config.json does not exist"):
+        _engine(llama_dir, generation_config=str(tmp_path))

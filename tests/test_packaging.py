@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("compiler", "graphs", "models", "quantize", "runtime")
+SUBPACKAGES = ("compiler", "entrypoints", "graphs", "models", "quantize", "runtime")
 
 
 def test_pyproject_pins_torch_and_keeps_torch_npu_optional():

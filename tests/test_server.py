@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, live on loopback, driven by the official client.
 
 Two servers run in subprocesses over the tiny eager Llama: the main one
-(`python -m aotllm.runtime.entrypoints.openai.api_server`; API key, small
+(`python -m aotllm.entrypoints.openai.api_server`, vLLM's spelling; API key, small
 body limit) and a small one (`aotllm serve`; 2 running, 2 waiting) for the
 queue limit and SIGTERM. References are the in-process `LLM` on the same
 checkpoint with the same settings, and the tokenizer's own counts.
@@ -54,7 +54,7 @@ class Server:
         self.log = log
         # vLLM's module spelling, or `aotllm serve MODEL`.
         entry = (["-m", "aotllm.cli", "serve", str(model)] if cli else
-                 ["-m", "aotllm.runtime.entrypoints.openai.api_server", "--model", str(model)])
+                 ["-m", "aotllm.entrypoints.openai.api_server", "--model", str(model)])
         self.proc = subprocess.Popen(
             [sys.executable, *entry, "--port", str(self.port), "--seed", "0",
              "--uvicorn-log-level", "warning", *engine_flags, *flags],
@@ -90,7 +90,8 @@ class Server:
 def server(llama_dir, tmp_path_factory):
     srv = Server(llama_dir, tmp_path_factory.mktemp("server") / "main.log",
                  "--max-num-seqs", "16", "--api-key", KEY, "--served-model-name", "tiny",
-                 "alias", "--max-request-body-bytes", str(BODY_LIMIT))
+                 "alias", "--max-request-body-bytes", str(BODY_LIMIT),
+                 "--enable-prompt-tokens-details")
     yield srv
     assert srv.stop() == 0, srv.tail()
 
@@ -389,11 +390,15 @@ def test_repeated_prefix_is_prefilled_once(server, client, llm, tok):
     assert expected_hit >= 40
     before = (_metric(server, "vllm:prefix_cache_queries_total"),
               _metric(server, "vllm:prefix_cache_hits_total"), _kv(server)["prefix_cache_hits"])
+    cached = []
     for p in prompts:
         r = client.completions.create(model="tiny", prompt=p, **GREEDY)
         # Greedy output with a cache hit equals the in-process engine's.
         assert r.choices[0].text == _ref(llm, p, temperature=0, max_tokens=12,
                                          ignore_eos=True).outputs[0].text
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    # --enable-prompt-tokens-details: the usage says what the cache served.
+    assert cached == [0, expected_hit]
     after = (_metric(server, "vllm:prefix_cache_queries_total"),
              _metric(server, "vllm:prefix_cache_hits_total"), _kv(server)["prefix_cache_hits"])
     assert after[0] - before[0] == len(ids[0]) + len(ids[1])
@@ -403,6 +408,14 @@ def test_repeated_prefix_is_prefilled_once(server, client, llm, tok):
     # Nothing held; the prefix's blocks are free but still cached (evictable).
     assert kv["num_used_blocks"] == 0 and kv["num_cached_free_blocks"] >= expected_hit // block
     assert _metric(server, "vllm:kv_cache_usage_perc") == 0
+    # The same in a stream's final usage chunk: a chat sent twice.
+    usages = [list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": prefix + " again"}], stream=True,
+        stream_options={"include_usage": True}, **GREEDY))[-1].usage for _ in range(2)]
+    full_blocks = (usages[0].prompt_tokens - 1) // block * block
+    first, second = (u.prompt_tokens_details.cached_tokens for u in usages)
+    # The first finds at most the chat template's opening blocks (earlier chats).
+    assert first < 12 and second == full_blocks
 
 
 # -- the other routes ----------------------------------------------------------------
@@ -670,3 +683,24 @@ def test_bench_serve_report_is_consistent(server, llama_dir, tmp_path):
     rep = bench.main([*common, "--num-prompts", "2", "--vocab-size", "300",
                       "--model", "no-such-model"])
     assert rep["completed"] == 0 and rep["failed"] == 2 and "HTTP 404" in rep["errors"][0]
+
+
+def test_generation_config_defaults_fill_unset_fields():
+    """The model's recommended sampling values (generation_config.json) are the
+    defaults of request fields left unset; explicit fields win; max_new_tokens
+    caps an unset max_tokens by the room left in the context."""
+    from types import SimpleNamespace
+
+    from aotllm.runtime.entrypoints.openai.protocol import CompletionRequest
+    from aotllm.runtime.entrypoints.openai.serving_engine import OpenAIServing
+
+    core = SimpleNamespace(tokenizer=None, max_model_len=100,
+                           default_sampling={"temperature": 0.2, "top_p": 0.9, "max_tokens": 50})
+    serving = OpenAIServing(SimpleNamespace(engine=core), ["tiny"])
+    unset = CompletionRequest(prompt="x", max_tokens=None)
+    p = serving.sampling_params(unset, unset.max_tokens, None, prompt_len=10)
+    assert (p.temperature, p.top_p, p.max_tokens) == (0.2, 0.9, 50)
+    assert serving.sampling_params(unset, None, None, prompt_len=70).max_tokens == 30
+    explicit = CompletionRequest(prompt="x", temperature=1.0, max_tokens=7)
+    p = serving.sampling_params(explicit, explicit.max_tokens, None, prompt_len=10)
+    assert (p.temperature, p.top_p, p.max_tokens) == (1.0, 0.9, 7)

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLM.
 
-    python -m aotllm.runtime.entrypoints.openai.api_server --model ./artifact --port 8000
+    python -m aotllm.entrypoints.openai.api_server --model ./artifact --port 8000
     aotllm serve ./artifact --port 8000
 
 Every error a client can cause is answered in the OpenAI error body
@@ -120,8 +120,9 @@ async def cancel_on_disconnect(request: Request, coro):
 def build_app(args: argparse.Namespace, engine: AsyncLLM, metrics: ServerMetrics | None,
               served_model_names: list[str]) -> FastAPI:
     log_requests = not args.disable_log_requests
-    completion = OpenAIServingCompletion(engine, served_model_names, log_requests)
-    chat = OpenAIServingTokenization(engine, served_model_names, log_requests)
+    details = args.enable_prompt_tokens_details
+    completion = OpenAIServingCompletion(engine, served_model_names, log_requests, details)
+    chat = OpenAIServingTokenization(engine, served_model_names, log_requests, details)
     limit = args.max_request_body_bytes
 
     @asynccontextmanager

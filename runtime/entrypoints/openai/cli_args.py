@@ -58,6 +58,9 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool) -> 
                         "are aborted (default 30)")
     s.add_argument("--disable-log-requests", action="store_true",
                    help="do not log each request")
+    s.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="report usage.prompt_tokens_details.cached_tokens (prompt tokens "
+                        "served from the prefix cache)")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
     e = parser.add_argument_group("engine")
@@ -76,6 +79,9 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool) -> 
                    help="share the KV blocks of repeated prompt prefixes across requests "
                         "(default: on, as in vLLM v1)")
     e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--generation-config", default=None, metavar="auto|vllm|DIR",
+                   help="default sampling parameters of requests: 'auto' (default) takes the "
+                        "model's generation_config.json, 'vllm' ignores it, DIR reads DIR's")
     e.add_argument("--tokenizer", default=None, metavar="DIR")
     e.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
                    help="for a checkpoint: w8a16, w8a8 or w8a8_static")
@@ -87,7 +93,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                     "enforce_eager": args.enforce_eager}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "gpu_memory_utilization", "num_gpu_blocks_override", "block_size", "seed",
-                 "tokenizer", "quantization", "enable_prefix_caching"):
+                 "tokenizer", "quantization", "enable_prefix_caching", "generation_config"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
@@ -96,7 +102,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 def make_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m aotllm.runtime.entrypoints.openai.api_server",
+        prog="python -m aotllm.entrypoints.openai.api_server",
         description="OpenAI-compatible HTTP server (vLLM's flags).")
     add_server_args(parser, model_positional=False)
     return parser

@@ -70,7 +70,7 @@ class OpenAIServingChat(OpenAIServing):
             })
         return {"id": request_id, "object": "chat.completion", "created": now(),
                 "model": model, "choices": choices,
-                "usage": usage(prompt_len, completion_tokens)}
+                "usage": usage(prompt_len, completion_tokens, self.cached_tokens([final]))}
 
     async def _stream(self, req, request_id, model, gen, prompt_len) -> AsyncIterator[str]:
         created = now()
@@ -81,11 +81,15 @@ class OpenAIServingChat(OpenAIServing):
 
         completion_tokens = 0
         opts = req.stream_options
+        latest: list[RequestOutput] = []
+
+        def usage_now() -> dict[str, Any]:
+            return usage(prompt_len, completion_tokens, self.cached_tokens(latest))
 
         def running_usage() -> dict[str, Any]:
             # vLLM's continuous_usage_stats: the usage so far on every chunk.
             if opts and opts.include_usage and opts.continuous_usage_stats:
-                return {"usage": usage(prompt_len, completion_tokens)}
+                return {"usage": usage_now()}
             return {}
 
         try:
@@ -93,6 +97,7 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None} for i in range(req.n)])
             async for out in gen:
+                latest[:] = [out]
                 choices = []
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
@@ -109,7 +114,7 @@ class OpenAIServingChat(OpenAIServing):
                 if choices:
                     yield chunk(choices, **running_usage())
             if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], usage=usage(prompt_len, completion_tokens))
+                yield chunk([], usage=usage_now())
         except OpenAIError as e:
             yield sse(e.body())
         except Exception as e:  # the engine died mid-stream: say so, never a traceback

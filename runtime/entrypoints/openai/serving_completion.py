@@ -86,7 +86,8 @@ class OpenAIServingCompletion(OpenAIServing):
         choices.sort(key=lambda c: c["index"])
         return {"id": request_id, "object": "text_completion", "created": now(),
                 "model": model, "choices": choices,
-                "usage": usage(sum(prompt_lens), completion_tokens)}
+                "usage": usage(sum(prompt_lens), completion_tokens,
+                               self.cached_tokens(finals.values()))}
 
     async def _stream(self, req, request_id, model, gens, prompt_lens,
                       echoes) -> AsyncIterator[str]:
@@ -95,11 +96,16 @@ class OpenAIServingCompletion(OpenAIServing):
         logprobs: dict[int, CompletionLogprobs] = {}
         echoed: set[int] = set()
         opts = req.stream_options
+        latest: dict[int, RequestOutput] = {}
+
+        def usage_now() -> dict[str, Any]:
+            return usage(sum(prompt_lens), completion_tokens,
+                         self.cached_tokens(latest.values()))
 
         def running_usage() -> dict[str, Any]:
             # vLLM's continuous_usage_stats: the usage so far on every chunk.
             if opts and opts.include_usage and opts.continuous_usage_stats:
-                return {"usage": usage(sum(prompt_lens), completion_tokens)}
+                return {"usage": usage_now()}
             return {}
 
         def chunk(choices: list[dict[str, Any]], **extra) -> str:
@@ -108,6 +114,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
         try:
             async for i, out in merge(gens):
+                latest[i] = out
                 choices = []
                 for c in out.outputs:
                     index = i * req.n + c.index
@@ -128,7 +135,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 if choices:
                     yield chunk(choices, **running_usage())
             if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], usage=usage(sum(prompt_lens), completion_tokens))
+                yield chunk([], usage=usage_now())
         except OpenAIError as e:
             yield sse(e.body())
         except Exception as e:  # the engine died mid-stream: say so, never a traceback

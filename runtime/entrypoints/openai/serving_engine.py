@@ -21,12 +21,15 @@ def random_id(prefix: str) -> str:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, served_model_names: list[str],
-                 log_requests: bool = True) -> None:
+                 log_requests: bool = True, enable_prompt_tokens_details: bool = False) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.log_requests = log_requests
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        # The model's generation-config defaults for fields a request leaves unset.
+        self.default_sampling = engine.engine.default_sampling
 
     @property
     def model_name(self) -> str:
@@ -40,6 +43,13 @@ class OpenAIServing:
             raise OpenAIError(f"The model `{name}` does not exist.", HTTPStatus.NOT_FOUND,
                               param="model", code="model_not_found")
         return name
+
+    def cached_tokens(self, outputs) -> int | None:
+        """Prompt tokens the prefix cache served, summed over the prompts'
+        latest outputs; None unless the usage is to report them."""
+        if not self.enable_prompt_tokens_details:
+            return None
+        return sum(out.num_cached_tokens or 0 for out in outputs)
 
     def check_prompt_len(self, prompt_len: int) -> None:
         if prompt_len > self.max_model_len:
@@ -58,6 +68,8 @@ class OpenAIServing:
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise OpenAIError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}",
                               param="logprobs")
+        if max_tokens is None and "max_tokens" in self.default_sampling:
+            max_tokens = min(self.default_sampling["max_tokens"], self.max_model_len - prompt_len)
         if max_tokens is not None and max_tokens + prompt_len > self.max_model_len:
             raise OpenAIError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
@@ -73,9 +85,12 @@ class OpenAIServing:
             include_stop_str_in_output=req.include_stop_str_in_output,
             output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
-        # Unset means the SamplingParams default (OpenAI's defaults are the same).
+        # Unset means the model's generation-config default if it has one,
+        # else the SamplingParams default (OpenAI's defaults are the same).
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             value = getattr(req, name)
+            if value is None:
+                value = self.default_sampling.get(name)
             if value is not None:
                 kwargs[name] = value
         try:
@@ -106,9 +121,17 @@ class OpenAIServing:
                 self.engine.abort(request_id)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int,
+          cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens` (prompt tokens served from the
+    prefix cache) only when the server was started with
+    --enable-prompt-tokens-details, as vLLM does."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens,
+                           "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def now() -> int:

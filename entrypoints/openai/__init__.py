@@ -1,0 +1,1 @@
+"""Alias of aotllm.runtime.entrypoints.openai under vLLM's module path."""
