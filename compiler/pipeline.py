@@ -30,6 +30,7 @@ from tqdm import tqdm
 import aotllm
 from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
+from aotllm.compiler.cpu_target import cpu_record
 from aotllm.graphs.buckets import Bucket, plan_buckets
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
@@ -128,6 +129,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
                        cfg.block_size, dtype_name)
     if quant is not None:
         quant["kernels"] = _kernels(quant, plan.buckets, model.dtype, device)
+    cpu = (cpu_record(plan.buckets, model.dtype, backend.name == "inductor")
+           if device_type == "cpu" else None)
     common = {
         "model_config": config.hf_config,
         "dtype": dtype_name,
@@ -139,6 +142,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         "torch": torch.__version__,
         "source": source_hash(),
         "quantization": quant,
+        # The CPU the kernel choices and generated code are for (not the
+        # per-bucket choices: they follow from it and the bucket).
+        "cpu": {k: v for k, v in (cpu or {}).items() if k != "linear_kernels"},
     }
     reusable = _reusable(out, common) if cfg.reuse else {}
     (out / GRAPHS_DIR).mkdir(parents=True, exist_ok=True)
@@ -207,7 +213,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         weights_file=weights_file,
         weights_sha256=sha256_file(out / weights_file),
         extra={"weight_aliases": aliases, "max_model_len": max_model_len,
-               "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"]},
+               "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"],
+               **({"cpu": cpu} if cpu is not None else {})},
     )
     manifest.write(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

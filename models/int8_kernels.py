@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from aotllm.models import float_kernels
+
 # Above this many rows `_weight_int8pack_mm` loses to dequantize-then-matmul
 # (measured crossover between M=8 and M=32 on AVX-512 and AVX2 machines).
 INT8PACK_MAX_ROWS = 16
@@ -39,6 +41,11 @@ def w8a16_kernel(rows: int, dtype: torch.dtype, device: torch.device, grouped: b
             and rows <= INT8PACK_MAX_ROWS):
         # fp32 activations make this kernel 10-30x slower (CPU-KERNELS.md).
         return "weight_int8pack_mm"
+    if (not grouped and float_kernels.float_linear_kernel(rows, dtype, device)
+            == "fp32_chunked"):
+        # Dequantize-then-matmul would be a half-precision GEMM this CPU
+        # runs slowly: dequantize to fp32 in cache-sized chunks instead.
+        return "dequant_matmul_fp32"
     return "dequant_matmul"
 
 
@@ -60,6 +67,8 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     if kernel == "weight_int8pack_mm":
         out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), qweight, scale.to(x.dtype))
         out = out.view(*x.shape[:-1], qweight.shape[0])
+    elif kernel == "dequant_matmul_fp32":
+        return float_kernels.linear_fp32_chunked(x, qweight, bias, scale)
     elif grouped:
         n, k = qweight.shape
         w = qweight.view(n, scale.shape[1], -1).to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)

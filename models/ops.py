@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from aotllm.models import int8_kernels
+from aotllm.models import float_kernels, int8_kernels
 
 
 class Ops(Protocol):
@@ -160,6 +160,10 @@ class TorchOps:
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # Prefill-sized bf16/fp16 calls on a CPU without native half-precision
+        # matmuls compute in fp32 (float_kernels.py); decided at trace time.
+        if float_kernels.float_linear_kernel(_rows(x), x.dtype, x.device) == "fp32_chunked":
+            return float_kernels.linear_fp32_chunked(x, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -175,6 +179,10 @@ class TorchOps:
         return int8_kernels.linear_w8a8_static(
             x, qweight, input_scale, input_offset, quant_bias, deq_scale
         )
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
 from aotllm.models.gguf_checkpoint import is_gguf_file
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
+from aotllm.runtime.cpu_check import check_cpu
 from aotllm.runtime.devices import is_available
 from aotllm.runtime.engine import LLMEngine
 from aotllm.runtime.engine_args import EngineArgs
@@ -80,6 +81,7 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     from aotllm.runtime.artifact import CompiledExecutor, load_artifact
 
     manifest = Manifest.read(args.model)
+    check_cpu(manifest)
     if args.device != "auto":
         device = args.resolve_device()
     elif not is_available(device_type(manifest.device)):

@@ -1,0 +1,54 @@
+"""How a BF16/FP16 linear runs on a CPU without native BF16/FP16 matmuls.
+
+Without AVX512_BF16/AMX (for fp16: AVX512_FP16/AMX_FP16) oneDNN's half-
+precision GEMM is compute bound at a fraction of FP32 speed: on an AVX2-only
+CPU a [4096, 768] bf16 linear takes ~47 ms at M=128 where FP32 takes ~8 ms
+(../shared/CPU-KERNELS.md). Decode rows are few and bandwidth bound, so the
+compact weights win there and the native call stays. Prefill-sized calls
+instead compute in FP32 over weights that stay stored in their compact
+dtype: the weight is cast in chunks of output rows, each chunk's FP32 copy
+small enough to stay in cache, and the chunk's GEMM runs right after its
+cast. The weights file and the bytes held in memory do not change.
+
+Like `int8_kernels`, the choice is made from static facts (rows, dtype,
+device, the CPU as `cpu_isa.detect` sees it at trace time), so each bucket
+graph bakes in its own; the compiler records the choices in the manifest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aotllm.models import cpu_isa
+
+# From this many rows up a non-native half-precision linear computes in FP32
+# (prefill buckets start at 16 tokens; decode batches stay native).
+FP32_MIN_ROWS = 16
+# Output rows cast per chunk: 512 x K fp32 (1.5 MiB at K=768) stays in L2.
+CHUNK_ROWS = 512
+
+
+def float_linear_kernel(rows: int, dtype: torch.dtype, device: torch.device) -> str:
+    """"native" (F.linear in the model dtype) or "fp32_chunked"."""
+    if (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and rows >= FP32_MIN_ROWS and not cpu_isa.detect().native_for(dtype)):
+        return "fp32_chunked"
+    return "native"
+
+
+def linear_fp32_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x @ (weight * scale)^T + bias) computed in FP32, rounded once to x's dtype.
+
+    `weight` may be float or int8 (then `scale` is its per-output-channel scale);
+    the products of half-precision or int8 values are exact in FP32, so this is
+    the arithmetic a native half-precision GEMM does (FP32 accumulation).
+    """
+    x32 = x.float()
+    out = torch.cat([F.linear(x32, w.float()) for w in weight.split(CHUNK_ROWS)], dim=-1)
+    if scale is not None:
+        out = out * scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

@@ -1,0 +1,167 @@
+"""Per-CPU kernel choice for float linears (models/cpu_isa.py, models/float_kernels.py)
+and the runtime's check of a CPU artifact's record (runtime/cpu_check.py).
+
+The AVX2 path (no native BF16) runs on any x86 machine by restricting the
+ISA, in a subprocess: the restriction must be in the environment before
+torch loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aotllm.models import cpu_isa, float_kernels, int8_kernels
+
+REPO = Path(__file__).resolve().parents[1]
+RESTRICTED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+NO_NATIVE = cpu_isa.CpuIsa("AVX2", "AVX2", native_bf16=False, native_fp16=False, int8_dot=False)
+ALL_NATIVE = cpu_isa.CpuIsa("AVX512", None, native_bf16=True, native_fp16=True, int8_dot=True)
+x86 = pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="needs an x86 CPU with AVX2")
+
+
+def _run(code: str, env: dict[str, str]) -> dict:
+    full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([str(REPO.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                         text=True, timeout=900, cwd=REPO.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@x86
+def test_restricting_the_isa_turns_native_bf16_off():
+    got = _run("import json; from aotllm.models.cpu_isa import detect; "
+               "print(json.dumps(detect().to_dict()))", RESTRICTED)
+    assert got == {"capability": "AVX2", "onednn_max_isa": "AVX2", "native_bf16": False,
+                   "native_fp16": False, "int8_dot": False}
+
+
+def test_onednn_cap_admits_only_isas_up_to_it():
+    assert cpu_isa._onednn_allows(None, "AVX512_CORE_BF16")
+    assert cpu_isa._onednn_allows("ALL", "AVX512_CORE_AMX")
+    assert cpu_isa._onednn_allows("AVX512_CORE_AMX", "AVX512_CORE_BF16")
+    assert not cpu_isa._onednn_allows("AVX512_CORE", "AVX512_CORE_BF16")
+    assert not cpu_isa._onednn_allows("AVX2", "AVX2_VNNI")
+
+
+def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(cpu_isa, "detect", lambda: NO_NATIVE)
+    choice = float_kernels.float_linear_kernel
+    assert choice(16, bf16, cpu) == "fp32_chunked"  # prefill-sized
+    assert choice(16, torch.float16, cpu) == "fp32_chunked"
+    assert choice(8, bf16, cpu) == "native"  # decode rows: bandwidth bound, compact wins
+    assert choice(128, torch.float32, cpu) == "native"
+    assert choice(128, bf16, torch.device("meta")) == "native"  # not a CPU graph
+    assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
+    assert int8_kernels.w8a16_kernel(8, bf16, cpu, grouped=False) == "weight_int8pack_mm"
+    assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=True) == "dequant_matmul"
+    monkeypatch.setattr(cpu_isa, "detect", lambda: ALL_NATIVE)
+    assert choice(128, bf16, cpu) == "native"
+    assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=False) == "dequant_matmul"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_chunked_linear_is_an_fp32_gemm_rounded_once(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 96, generator=g).to(dtype)
+    # 1100 output rows: two full chunks and a partial one.
+    w = (torch.randn(1100, 96, generator=g) * 0.1).to(dtype)
+    b = torch.randn(1100, generator=g).to(dtype)
+    got = float_kernels.linear_fp32_chunked(x, w, b)
+    ref = F.linear(x.float(), w.float(), b.float()).to(dtype)
+    assert got.dtype == dtype and got.shape == (2, 40, 1100)
+    # Same products, fp32 sums in another order: at most one rounding step apart.
+    torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=1e-3)
+    # int8 weights with per-channel scales (w8a16's fp32 dequant route).
+    q = torch.randint(-127, 128, (1100, 96), generator=g, dtype=torch.int8)
+    scale = torch.rand(1100, generator=g) / 100
+    got = float_kernels.linear_fp32_chunked(x, q, b, scale)
+    ref = (F.linear(x.float(), q.float() * scale[:, None]) + b.float()).to(dtype)
+    torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=1e-3)
+
+
+_RESTRICTED_RUN = """
+import json, sys
+from aotllm import LLM, SamplingParams
+from aotllm.compiler.config import CompileConfig
+from aotllm.compiler.pipeline import compile_artifact
+from aotllm.graphs.manifest import Manifest
+from aotllm.models import float_kernels
+float_kernels.CHUNK_ROWS = 48  # several chunks even in the tiny model
+model, out = sys.argv[1], sys.argv[2]
+compile_artifact(CompileConfig(model=model, output=out, dtype="bfloat16", max_model_len=64,
+                               max_num_seqs=1, block_size=16, prefill_buckets=(16, 32),
+                               decode_batch_sizes=(1,), context_buckets=(64,)))
+params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+prompts = [[5 + i for i in range(n)] for n in (3, 20, 45)]
+def run(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+compiled = run(LLM(out, seed=0))
+eager = run(LLM(model, enforce_eager=True, dtype="bfloat16", block_size=16, max_model_len=64,
+                seed=0))
+print(json.dumps({"compiled": compiled, "eager": eager,
+                  "cpu": Manifest.read(out).extra["cpu"]}))
+"""
+
+
+@x86
+@pytest.mark.slow
+def test_avx2_artifact_without_native_bf16(tiny_models, tmp_path, caplog, one_thread):
+    """Compiled with the ISA restricted to AVX2: prefill linears compute in fp32
+    (several chunks), decode stays native; compiled == eager under the same
+    restriction; the manifest says so; and on this (unrestricted) CPU the same
+    artifact runs, gives the same tokens, and logs that it was tuned for
+    another CPU."""
+    from aotllm import LLM, SamplingParams
+
+    model = tiny_models.get("llama-gqa")
+    out = tmp_path / "avx2-bf16"
+    code = "import sys; sys.argv[1:] = [" + repr(str(model)) + ", " + repr(str(out)) + "]\n"
+    got = _run(code + _RESTRICTED_RUN, RESTRICTED)
+    assert got["compiled"] == got["eager"]
+    cpu = got["cpu"]
+    assert cpu["isa"]["native_bf16"] is False and cpu["inductor_vec_isa"] == "avx2"
+    assert cpu["linear_kernels"] == {
+        "prefill_b1_t16_c4": "fp32_chunked", "prefill_b1_t32_c4": "fp32_chunked",
+        "decode_b1_t1_c4": "native"}
+
+    # The "aotllm" logger does not propagate (logger.py): listen on it directly.
+    log = logging.getLogger("aotllm.runtime.cpu_check")
+    log.addHandler(caplog.handler)
+    try:
+        llm = LLM(str(out), seed=0)
+    finally:
+        log.removeHandler(caplog.handler)
+    tuned_elsewhere = cpu_isa.CpuIsa.from_dict(cpu["isa"]) != cpu_isa.detect()
+    assert tuned_elsewhere == ("was tuned for" in caplog.text)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5 + i for i in range(n)]} for n in (3, 20, 45)]
+    here = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert here == got["compiled"]
+
+
+@pytest.mark.slow
+def test_artifact_for_missing_isa_is_refused(artifacts, monkeypatch):
+    from aotllm import LLM
+    from aotllm.graphs.manifest import ArtifactError, Manifest
+    from aotllm.runtime import cpu_check
+
+    artifact = artifacts.get("llama-gqa", "float32")
+    vec = Manifest.read(artifact).extra["cpu"]["inductor_vec_isa"]
+    if not any(name in cpu_check._HAS for name in vec.split()):
+        pytest.skip(f"graphs built without a checked vector ISA ({vec!r})")
+    # As if this CPU had none of the vector extensions the graphs were built for.
+    monkeypatch.setattr(cpu_check, "_HAS", {name: (lambda: False) for name in cpu_check._HAS})
+    with pytest.raises(ArtifactError, match="compiled for .* recompile it on this machine"):
+        LLM(str(artifact))
