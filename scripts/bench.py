@@ -13,6 +13,7 @@ Run it on an otherwise idle machine: with 2 OpenMP threads on 2 cores, any
 other busy process stalls every parallel region of the graph.
 
     python scripts/bench.py [--modes compiled,eager,transformers] [--batch-sizes 1,8]
+    python scripts/bench.py --modes compiled --peers bf16,f32,q8_0   # llama.cpp side by side
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def memory_bandwidth_gb_s() -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def decode_bytes_per_step(path: Path, dtype_bytes: int, batch: int, context: int) -> int:
+def decode_bytes_per_step(path: Path, dtype_bytes: float, batch: int, context: int) -> float:
     """Weights a decode step reads (the input embedding only by row) plus its KV."""
     c = json.loads((path / "config.json").read_text())
     h, i, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
@@ -197,6 +198,72 @@ def cold_start(artifact: Path) -> tuple[float, float]:
     return total - rest, rest
 
 
+def cpu_line() -> str:
+    """The ISA flags that decide the kernels, and what torch/oneDNN may use of them."""
+    from aotllm.models.cpu_isa import _cpuinfo_flags, detect
+
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+              "amx_tile", "amx_bf16", "amx_int8")
+    flags = [f for f in wanted if f in _cpuinfo_flags()]
+    restricted = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                  if k in os.environ}
+    return (f"CPU flags: {' '.join(flags) or 'unknown'}; in use: {detect().describe()}"
+            + (f" (restricted: {restricted})" if restricted else ""))
+
+
+# Bytes per weight of llama.cpp's GGUF types (q8_0: 34-byte blocks of 32).
+_GGUF_BYTES = {"bf16": 2.0, "f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
+
+
+def bench_peer(path: Path, outtype: str, batches: list[int], args, bandwidth: float) -> list:
+    """llama.cpp on the checkpoint converted by its own converter (scripts/peers_llamacpp.py)."""
+    spec = importlib.util.spec_from_file_location("peers_llamacpp", HERE / "peers_llamacpp.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    if not peers.llama_cpp_available():
+        print("llama.cpp peers skipped: llama_cpp is not importable (pip install "
+              "llama-cpp-python)", flush=True)
+        return []
+    gguf = peers.convert_to_gguf(path, outtype, args.cache_dir / f"{path.name}-{outtype}.gguf",
+                                 args.cache_dir)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    out = []
+    for b in batches:
+        peer = peers.bench_llamacpp(gguf, _prompts(vocab, b, args.prompt_len), args.new_tokens)
+        r = Result(f"llama.cpp {outtype}", b, peer.ttft_s, peer.decode_tok_s, 0.0)
+        per_step = decode_bytes_per_step(path, _GGUF_BYTES.get(outtype, 2.0), b,
+                                         args.prompt_len + args.new_tokens // 2)
+        r.mbu = per_step * r.decode_tok_s / b / (bandwidth * 1e9)
+        print(r, flush=True)
+        out.append(r)
+    return out
+
+
+# Issue 9's targets, aotllm compiled (BF16) over llama.cpp bf16 on one machine.
+_TARGETS = (("decode b1", 1, "decode", 1.2), ("decode b8", 8, "decode", 1.5),
+            ("TTFT b1", 1, "ttft", 0.8))
+
+
+def print_targets(results: list) -> None:
+    by = {(r.mode, r.batch): r for r in results}
+    lines = []
+    for label, b, what, target in _TARGETS:
+        ours, peer = by.get(("compiled", b)), by.get(("llama.cpp bf16", b))
+        if ours is None or peer is None:
+            continue
+        if what == "decode":
+            ratio = ours.decode_tok_s / peer.decode_tok_s
+            ok = ratio >= target
+        else:
+            ratio = ours.ttft_s / peer.ttft_s
+            ok = ratio <= target
+        lines.append(f"  {label}: {ratio:.2f}x llama.cpp bf16 (target "
+                     f"{'>=' if what == 'decode' else '<='} {target}x): "
+                     f"{'met' if ok else 'NOT met'}")
+    if lines:
+        print("\ntargets (aotllm compiled vs llama.cpp bf16):\n" + "\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="125m")
@@ -207,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--peers", default="", metavar="TYPES",
+                    help="also run llama.cpp (llama-cpp-python) on GGUF conversions of the same "
+                         "checkpoint, e.g. bf16,f32,q8_0, and print the target ratios")
     args = ap.parse_args(argv)
 
     path = ensure_checkpoint(args.cache_dir, args.preset, args.dtype)
@@ -217,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype_bytes = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, checkpoint {path}, "
           f"{args.dtype}; memory read bandwidth {bandwidth:.1f} GB/s", flush=True)
+    print(cpu_line(), flush=True)
     results: list[Result] = []
     extra: dict = {"bandwidth_gb_s": bandwidth}
     for mode in modes:
@@ -256,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(r)
             print(r, flush=True)
         del llm
+    for outtype in filter(None, args.peers.split(",")):
+        results += bench_peer(path, outtype, batches, args, bandwidth)
 
     print()
     print(f"{'mode':<14}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'MBU':>7}"
@@ -266,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         graph = f"{r.graph_ms_per_step:.2f}" if r.graph_ms_per_step is not None else "-"
         print(f"{r.mode:<14}{r.batch:>6}{r.ttft_s * 1e3:>10.1f}{r.decode_tok_s:>14.1f}{mbu:>7}"
               f"{step:>9}{graph:>10}")
+    print_targets(results)
     if "compile_s" in extra:
         print(f"\ncompile: {extra['compile_total_s']:.1f} s total; per bucket: "
               + ", ".join(f"{k} {v} s" for k, v in extra["compile_s"].items()))
