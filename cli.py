@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ge-dim-gears", action="store_true",
                    help="ge only: one decode graph per context bucket with its batch dimension "
                         "geared over the decode batch sizes (torchair set_dim_gears)")
+    c.add_argument("--dynamic-shapes", action="store_true",
+                   help="inductor only: one graph per shape group (decode batch 1, decode "
+                        "batch >= 2, prefill per batch size) with dynamic batch, token and "
+                        "context dimensions, instead of one graph per bucket")
     c.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
     c.add_argument("--max-num-seqs", type=positive_int, default=8, metavar="N",
@@ -203,7 +207,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         decode_batch_sizes=args.decode_batch_sizes, context_buckets=args.context_buckets,
         reuse=not args.no_reuse, quantization=_quant_config(args, QuantConfig, resolve_scheme),
         num_gpu_blocks_override=args.num_gpu_blocks_override,
-        ge_dim_gears=args.ge_dim_gears,
+        ge_dim_gears=args.ge_dim_gears, dynamic_shapes=args.dynamic_shapes,
     )
     t0 = time.perf_counter()
     manifest = compile_artifact(cfg)

@@ -47,10 +47,11 @@ class GraphBackend(Protocol):
     # model for capture when that is not `torch.device(cfg.device)` (the GE
     # backend: the NPU device type exists only once torch_npu is imported).
 
-    # Optional: `graph_groups(buckets) -> [(graph bucket, buckets it serves)]`
-    # when one graph serves several buckets (GE's dimension gears); the
-    # pipeline compiles each graph bucket once and every bucket it serves
-    # names that one file. Without it, each bucket has its own graph.
+    # Optional: `graph_groups(buckets, model=, quant=) -> [(graph bucket,
+    # buckets it serves)]` when one graph serves several buckets (GE's
+    # dimension gears, Inductor's --dynamic-shapes groups); the pipeline
+    # compiles each graph bucket once and every bucket it serves names that
+    # one file. Without it, each bucket has its own graph.
 
     def write_weights(self, model: "CausalLM", out_dir: Path) -> tuple[str, dict[str, str]]:
         """Store every weight once under `out_dir`, before any bucket compiles;

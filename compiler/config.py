@@ -33,6 +33,10 @@ class CompileConfig:
     # geared (torchair.inference.set_dim_gears) over the plan's decode batch
     # sizes, instead of one graph per decode batch size.
     ge_dim_gears: bool = False
+    # Inductor only: one graph per shape group (compiler/shape_groups.py)
+    # with the batch, token and context dimensions dynamic over the group's
+    # buckets, instead of one graph per bucket.
+    dynamic_shapes: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -46,3 +50,7 @@ class CompileConfig:
             raise ValueError(f"dimension gears (--ge-dim-gears) are a torchair GE feature; "
                              f"the {self.backend} backend compiles one graph per bucket. "
                              "Drop the option or use --backend ge")
+        if self.dynamic_shapes and self.backend != "inductor":
+            raise ValueError(f"--dynamic-shapes groups buckets into dynamic-shape AOTInductor "
+                             f"graphs; the {self.backend} backend needs static shapes. Drop the "
+                             "option or use --backend inductor")

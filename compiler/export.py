@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.export import Dim
 
+from aotllm.compiler.shape_groups import ShapeGroup, example_bucket_and_dims
+from aotllm.compiler.shape_groups import dynamic_shapes as group_dynamic_shapes
 from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.models.decoder import CausalLM
@@ -49,10 +51,19 @@ def example_inputs(
 
 
 def export_bucket(
-    model: CausalLM, bucket: Bucket, spec: KVCacheSpec, device: torch.device
+    model: CausalLM, bucket: Bucket, spec: KVCacheSpec, device: torch.device,
+    group: ShapeGroup | None = None,
 ) -> torch.export.ExportedProgram:
-    args = example_inputs(bucket, spec, model.dtype, device)
+    """One bucket's graph, or with `group` one graph for all of its buckets
+    (dynamic over their batch, token and context sizes; compiler/shape_groups.py)."""
     num_blocks = Dim("num_blocks", min=2)
-    dynamic_shapes = (None, None, None, None, None, None, [{1: num_blocks}] * spec.num_layers)
+    if group is None:
+        args = example_inputs(bucket, spec, model.dtype, device)
+        dynamic_shapes = (None, None, None, None, None, None,
+                          [{1: num_blocks}] * spec.num_layers)
+    else:
+        example, dims = example_bucket_and_dims(group, spec)
+        args = example_inputs(example, spec, model.dtype, device)
+        dynamic_shapes = group_dynamic_shapes(example, dims, spec.num_layers, num_blocks)
     with torch.no_grad():
         return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)

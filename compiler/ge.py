@@ -117,7 +117,8 @@ class GeBackend:
         # one copy for all buckets.
         return BackendTraits(kv_in_place=True, num_blocks=self.num_blocks, shared_weights=True)
 
-    def graph_groups(self, buckets: list[Bucket]) -> list[tuple[Bucket, tuple[Bucket, ...]]]:
+    def graph_groups(self, buckets: list[Bucket], model=None, quant: dict | None = None
+                     ) -> list[tuple[Bucket, tuple[Bucket, ...]]]:
         """(the bucket a graph is compiled for, the buckets that graph serves).
 
         Without dimension gears every bucket has its own graph. With them,

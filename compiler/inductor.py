@@ -8,11 +8,14 @@ from pathlib import Path
 import torch
 
 from aotllm.compiler.export import export_bucket
+from aotllm.compiler.shape_groups import ShapeGroup, group_buckets, row_thresholds
 from aotllm.compiler.weights import write_safetensors
 from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import BackendTraits
+from aotllm.models.float_kernels import FP32_MIN_ROWS
+from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS
 from aotllm.models.ops import TorchOps
 
 # Constants (weights) stay out of the package; the runtime binds the one
@@ -40,6 +43,8 @@ class InductorBackend:
                 "for an Ascend NPU use --backend ge (or --backend onnx for ATC)"
             )
         self.device = torch.device(cfg.device)
+        self.dynamic_shapes = cfg.dynamic_shapes
+        self.groups: dict[Bucket, ShapeGroup] = {}
 
     def version(self) -> str:
         return f"torch-{torch.__version__}"
@@ -54,8 +59,26 @@ class InductorBackend:
     def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
         return write_safetensors(model, out_dir)
 
+    def graph_groups(self, buckets: list[Bucket], model=None, quant: dict | None = None
+                     ) -> list[tuple[Bucket, tuple[Bucket, ...]]]:
+        """(the bucket a graph is named after, the buckets it serves): one each,
+        or with --dynamic-shapes one per shape group."""
+        self.groups.clear()
+        if not self.dynamic_shapes:
+            return [(b, (b,)) for b in buckets]
+        out = []
+        scheme = (quant or {}).get("scheme")
+        thresholds = row_thresholds(model.dtype, scheme, self.device) if model is not None else (
+            ("<=", INT8PACK_MAX_ROWS), (">=", FP32_MIN_ROWS))
+        for group in group_buckets(buckets, thresholds):
+            self.groups[group.graph_bucket] = group
+            out.append((group.graph_bucket, group.buckets))
+        return out
+
     def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
-        program = export_bucket(model, bucket, spec, self.device)
+        group = self.groups.get(bucket)
+        program = export_bucket(model, bucket, spec, self.device,
+                                group if group is not None and len(group.buckets) > 1 else None)
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(out_path), inductor_configs=dict(_INDUCTOR_CONFIGS)
         )

@@ -159,7 +159,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     # a graph between buckets (GE with dimension gears); a shared graph is
     # one file that every bucket it serves names.
     grouping = getattr(backend, "graph_groups", None)
-    groups = grouping(plan.buckets) if grouping else [(b, (b,)) for b in plan.buckets]
+    groups = (grouping(plan.buckets, model=model, quant=quant) if grouping
+              else [(b, (b,)) for b in plan.buckets])
     by_bucket: dict[Bucket, GraphEntry] = {}
     compile_seconds: list[float] = []
     bar = tqdm(groups, desc="Compiling graphs", unit="graph", dynamic_ncols=True)

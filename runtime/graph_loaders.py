@@ -69,6 +69,10 @@ class InductorLoader:
 
     backend = "inductor"
 
+    def __init__(self) -> None:
+        # A graph file serving several buckets (--dynamic-shapes) is loaded once.
+        self._loaded: dict[Path, GraphFn] = {}
+
     def check_available(self, device: torch.device) -> None:
         if device.type not in ("cpu", "cuda"):
             raise ArtifactError(f"inductor artifacts run on cpu or cuda, not {device.type}")
@@ -77,6 +81,11 @@ class InductorLoader:
         return read_safetensors(artifact_dir / manifest.weights_file, device)
 
     def load_graph(self, path, bucket, device, constants, manifest) -> GraphFn:
+        if path not in self._loaded:
+            self._loaded[path] = self._load(path, device, constants, manifest)
+        return self._loaded[path]
+
+    def _load(self, path, device, constants, manifest) -> GraphFn:
         index = device.index if device.type == "cuda" and device.index is not None else -1
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
         names = loader.get_constant_fqns()

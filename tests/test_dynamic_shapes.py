@@ -1,0 +1,83 @@
+"""`--dynamic-shapes`: AOTInductor graphs shared by a shape group of buckets
+(compiler/shape_groups.py) give the tokens and logits of the static
+per-bucket graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aotllm import LLM, SamplingParams
+from aotllm.compiler.shape_groups import group_buckets
+from aotllm.graphs.buckets import plan_buckets
+from aotllm.graphs.manifest import Manifest
+
+
+def test_groups_cover_the_plan_once_and_keep_static_what_must_be():
+    plan = plan_buckets(8192, 16, 16)
+    thresholds = (("<=", 16), (">=", 16))
+    groups = group_buckets(plan.buckets, thresholds)
+    served = [b for g in groups for b in g.buckets]
+    assert sorted(served, key=lambda b: b.name) == sorted(plan.buckets, key=lambda b: b.name)
+    assert len(groups) < len(plan.buckets) / 3
+    for g in groups:
+        phases = {b.phase for b in g.buckets}
+        assert len(phases) == 1
+        top = g.graph_bucket
+        assert (top.batch, top.tokens, top.context_blocks) == (
+            g.batch[1], g.tokens[1], g.context_blocks[1])
+        if top.phase == "prefill" or g.batch[0] == 1:
+            assert g.batch[0] == g.batch[1]  # prefill batch and decode batch 1 are static
+        for op, n in thresholds:  # every bucket on one side of every kernel threshold
+            for rows in ([b.batch * b.tokens for b in g.buckets], [b.batch for b in g.buckets]):
+                sides = {r >= n if op == ">=" else r <= n for r in rows}
+                assert len(sides) == 1, (g, op, n)
+    # No kernel thresholds (a float32 model): prefill lengths share one graph.
+    assert len([g for g in group_buckets(plan.buckets) if g.graph_bucket.phase == "prefill"]) == 1
+
+
+PARAMS = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+# 70 tokens: chunked over the 64-token prefill bucket; mixed lengths batch and pad.
+PROMPTS = [{"prompt_token_ids": [5 + (i * 7) % 50 for i in range(n)]} for n in (3, 20, 45, 70)]
+
+
+@pytest.mark.slow
+def test_dynamic_shape_artifact_equals_static(artifacts, one_thread):
+    static = artifacts.get("llama-gqa", "float32")
+    dynamic = artifacts.get("llama-gqa", "float32", dynamic_shapes=True)
+    manifest = Manifest.read(dynamic)
+    files = {g.file for g in manifest.graphs}
+    assert len(files) < len(manifest.graphs)  # graphs are shared
+    assert len(files) <= 3  # prefill, decode batch 1, decode batch >= 2
+    out_static = LLM(str(static), seed=0).generate(PROMPTS, PARAMS, use_tqdm=False)
+    llm = LLM(str(dynamic), seed=0)
+    out_dynamic = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out_dynamic] == [
+        o.outputs[0].token_ids for o in out_static]
+    # Every bucket's logits against the static graph of the same bucket, over
+    # one random KV cache (so the context a bucket reads is not empty).
+    graphs_static = LLM(str(static), seed=0).llm_engine.engine_core.runner.executor.graphs
+    runner = llm.llm_engine.engine_core.runner
+    g = torch.Generator().manual_seed(0)
+    caches = [torch.randn(k.shape, generator=g) for k in runner.kv_caches]
+    for bucket in manifest.bucket_plan().buckets:
+        inputs = _bucket_inputs(bucket, caches)
+        a = runner.executor.graphs[bucket]([*inputs, *[c.clone() for c in caches]])[0]
+        b = graphs_static[bucket]([*inputs, *[c.clone() for c in caches]])[0]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _bucket_inputs(bucket, kv_caches) -> list[torch.Tensor]:
+    """Valid inputs of one bucket's shape: every row writes fresh slots past block 0."""
+    b, t, c = bucket.batch, bucket.tokens, bucket.context_blocks
+    bs = kv_caches[0].shape[2]
+    num_blocks = kv_caches[0].shape[1]
+    g = torch.Generator().manual_seed(b * 1000 + t * 10 + c)
+    ids = torch.randint(5, 50, (b, t), generator=g)
+    start = (c * bs - t) // 2
+    positions = (start + torch.arange(t)).expand(b, t).contiguous()
+    tables = 1 + (torch.arange(b * c) % (num_blocks - 1)).view(b, c)
+    slots = torch.stack([tables[i, positions[i] // bs] * bs + positions[i] % bs
+                         for i in range(b)]).reshape(-1)
+    ctx = positions[:, -1] + 1
+    return [ids, positions, slots, tables, ctx, torch.full((b,), t)]
