@@ -329,3 +329,16 @@ def test_group_keeps_a_prefix_hit_after_its_writer() -> None:
 def test_group_raises_when_a_row_fits_no_bucket() -> None:
     with pytest.raises(ValueError, match="no prefill bucket fits batch=1, tokens=4000"):
         _groups([(16, 16), (4000, 4000)])
+
+
+def test_a_plan_from_before_prefill_contexts_still_loads_and_groups() -> None:
+    """Artifacts compiled before prefill had a context and batch dimension
+    record B=1, full-width prefill buckets: they load, and each row runs alone."""
+    old = {"block_size": 16, "max_model_len": 2048,
+           "prefill": [{"phase": "prefill", "batch": 1, "tokens": t, "context_blocks": 128}
+                       for t in (16, 64, 256, 1024, 2048)],
+           "decode": [{"phase": "decode", "batch": 1, "tokens": 1, "context_blocks": 128}]}
+    plan = BucketPlan.from_dict(old)
+    assert _groups([(10, 10), (12, 12), (100, 100)], plan=plan) == [
+        ("prefill_b1_t16_c128", [0]), ("prefill_b1_t16_c128", [1]),
+        ("prefill_b1_t256_c128", [2])]
