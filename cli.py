@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decode-batch-sizes", type=int_list, metavar="N,N,...",
                    help="decode batch sizes, e.g. 1,2,4,8 (the largest must be --max-num-seqs)")
     c.add_argument("--context-buckets", type=int_list, metavar="N,N,...",
-                   help="decode context lengths in tokens (multiples of --block-size)")
+                   help="context lengths in tokens (multiples of --block-size); decode uses "
+                        "each, prefill the full one and the narrowest that holds the chunk")
+    c.add_argument("--prefill-batch-sizes", type=int_list, metavar="N,N,...",
+                   help="prompts prefilled in one graph call, e.g. 1,4 (must include 1; "
+                        "default 1 and min(4, --max-num-seqs))")
     c.add_argument("--no-reuse", action="store_true",
                    help="recompile every graph even if OUTPUT has a matching one")
     q = c.add_argument_group("quantization")
@@ -205,7 +209,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         device=device, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         block_size=args.block_size, prefill_buckets=args.prefill_buckets,
         decode_batch_sizes=args.decode_batch_sizes, context_buckets=args.context_buckets,
-        reuse=not args.no_reuse, quantization=_quant_config(args, QuantConfig, resolve_scheme),
+        prefill_batch_sizes=args.prefill_batch_sizes, reuse=not args.no_reuse,
+        quantization=_quant_config(args, QuantConfig, resolve_scheme),
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         ge_dim_gears=args.ge_dim_gears, dynamic_shapes=args.dynamic_shapes,
     )

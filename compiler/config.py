@@ -20,6 +20,7 @@ class CompileConfig:
     prefill_buckets: tuple[int, ...] | None = None  # tokens
     decode_batch_sizes: tuple[int, ...] | None = None  # sequences
     context_buckets: tuple[int, ...] | None = None  # tokens, multiples of block_size
+    prefill_batch_sizes: tuple[int, ...] | None = None  # prompts per prefill call
     # Reuse graphs of an existing artifact in `output` whose inputs did not change.
     reuse: bool = True
     # Offline quantization (quantize/): None keeps every weight in `dtype`.

@@ -124,6 +124,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         prefill_buckets=cfg.prefill_buckets,
         decode_batch_sizes=cfg.decode_batch_sizes,
         context_buckets=cfg.context_buckets,
+        prefill_batch_sizes=cfg.prefill_batch_sizes,
     )
     spec = KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim,
                        cfg.block_size, dtype_name)

@@ -1,16 +1,21 @@
 """The bucket table: which static shapes get a compiled graph.
 
 A bucket is ``(phase, batch B, tokens T, context blocks MAXB)``. Prefill
-buckets run one sequence (B=1) and vary T; the largest T is also the chunk size
-for longer prompts. Decode buckets have T=1 and are the cross product of batch
-sizes and context lengths. Every bucket's block table is ``MAXB`` wide, so a
-graph can attend to at most ``MAXB * block_size`` tokens.
+buckets vary T (the largest T is also the chunk size for longer prompts) and
+MAXB: each T gets a block table just wide enough for a prompt that starts at
+position 0, plus one ``max_model_len`` wide for chunks that start later
+(chunked prefill, prefix-cache hits). The smaller T also get buckets with
+B > 1, so that several waiting prompts prefill in one graph call. Decode
+buckets have T=1 and are the cross product of batch sizes and context
+lengths. Every bucket's block table is ``MAXB`` wide, so a graph can attend to
+at most ``MAXB * block_size`` tokens, and gathers that many per layer.
 
 `plan_buckets` is the one pure function that computes the table; the compiler
 builds one graph per bucket, the manifest records the table, and the runtime
-pads each step to the cheapest bucket that fits (`pad_to_bucket`). The
-scheduler never forms a step larger than the largest bucket, so the runner
-never needs an eager fallback.
+pads each step to the cheapest bucket that fits (`pad_to_bucket`), or, for a
+prefill step of several rows, splits the rows into the cheapest set of calls
+(`group_rows`). The scheduler never forms a step larger than the largest
+bucket, so the runner never needs an eager fallback.
 
 Stdlib only: the runtime and the compiler both import this.
 """
@@ -29,6 +34,14 @@ PHASES = ("prefill", "decode")
 _DEFAULT_PREFILL_CAP = 2048
 _DEFAULT_MIN_PREFILL = 16
 _DEFAULT_MIN_CONTEXT = 256
+# Batched prefill: 4 rows per call at most by default. Small prompts (16-64
+# tokens) are bound by reading the weights, so 4 in one call cost about what
+# one does; longer ones are compute-bound and gain only the per-call overhead.
+_DEFAULT_PREFILL_BATCH = 4
+# A prefill bucket gets a context narrower than max_model_len only where it
+# gathers at most this fraction of it: a 2x narrower table saves too little
+# attention work to pay for a graph.
+_SIZED_CONTEXT_MAX_FRACTION = 4
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -71,8 +84,10 @@ class Bucket:
 
     @property
     def cost(self) -> tuple[int, int]:
-        """What padding to this bucket costs: tokens computed first, then context width."""
-        return (self.batch * self.tokens, self.context_blocks)
+        """What padding to this bucket costs: tokens computed first (linears are
+        most of the work), then context blocks gathered (every row gathers its
+        whole block table per layer)."""
+        return (self.batch * self.tokens, self.batch * self.context_blocks)
 
     def to_dict(self) -> dict:
         return {
@@ -203,6 +218,33 @@ def _default_context(max_model_len: int, block_size: int) -> list[int]:
     return sizes + [largest]
 
 
+def _default_prefill_batches(max_num_seqs: int) -> list[int]:
+    return sorted({1, min(_DEFAULT_PREFILL_BATCH, max_num_seqs)})
+
+
+def _prefill_buckets(
+    tokens: list[int], batches: list[int], contexts: list[int], block_size: int
+) -> list[Bucket]:
+    """Prefill buckets: per T, B=1 at the narrowest listed context that holds a
+    T-token prompt from position 0, and at the full context (a chunk that starts
+    later: chunked prefill, a prefix-cache hit); B>1 (bursts of fresh prompts)
+    at the narrow one only, for T with B*T within the largest T (a step never
+    holds more tokens than that)."""
+    full = contexts[-1]
+    largest = tokens[-1]
+    buckets = []
+    for t in tokens:
+        sized = next(c for c in contexts if c >= t)
+        if sized * _SIZED_CONTEXT_MAX_FRACTION > full:
+            sized = full
+        for c in {sized, full}:
+            buckets.append(Bucket("prefill", 1, t, c // block_size))
+        for b in batches:
+            if b > 1 and b * t <= largest:
+                buckets.append(Bucket("prefill", b, t, sized // block_size))
+    return buckets
+
+
 def plan_buckets(
     max_model_len: int,
     max_num_seqs: int,
@@ -210,20 +252,28 @@ def plan_buckets(
     prefill_buckets: Sequence[int] | None = None,
     decode_batch_sizes: Sequence[int] | None = None,
     context_buckets: Sequence[int] | None = None,
+    prefill_batch_sizes: Sequence[int] | None = None,
 ) -> BucketPlan:
     """The bucket table for one serving configuration.
 
     ``prefill_buckets`` are prompt-chunk lengths in tokens, ``decode_batch_sizes``
     numbers of sequences, ``context_buckets`` attention spans in tokens
-    (multiples of ``block_size``). Overrides are sorted and deduplicated. The
-    defaults (``None``):
+    (multiples of ``block_size``), ``prefill_batch_sizes`` prompts per prefill
+    call. Overrides are sorted and deduplicated. The defaults (``None``):
 
     - prefill: every other power of two from 16 (or ``block_size`` if larger),
       below ``min(max_model_len, 2048)``, plus that cap;
     - decode batch sizes: 1, 2, 4, then multiples of 8, plus ``max_num_seqs``,
       all at most ``max_num_seqs``;
     - context: ``max(256, block_size)`` rounded up to a block multiple, times 4
-      per step, ending at ``max_model_len`` rounded up to a block multiple.
+      per step, ending at ``max_model_len`` rounded up to a block multiple;
+    - prefill batch sizes: 1 and ``min(4, max_num_seqs)``.
+
+    Decode buckets are every batch size at every context. Prefill contexts
+    come from the same list: each prefill length T runs one prompt at the full
+    context and, where that is at most a quarter of the full width, at the
+    narrowest context of at least T tokens; a batch size B > 1 runs at that
+    narrow context only, for the T with B * T at most the largest T.
     """
     max_model_len = _positive_int(max_model_len, "max_model_len")
     max_num_seqs = _positive_int(max_num_seqs, "max_num_seqs")
@@ -255,6 +305,29 @@ def plan_buckets(
                 f"or set max_num_seqs to the largest size you want"
             )
 
+    if prefill_batch_sizes is None:
+        prefill_batches = _default_prefill_batches(max_num_seqs)
+    else:
+        prefill_batches = _check_list(prefill_batch_sizes, "prefill_batch_sizes")
+        if prefill_batches[0] != 1:
+            raise ValueError(
+                f"prefill_batch_sizes {prefill_batches} must include 1: a prompt that "
+                f"arrives alone (or needs a wide context) runs in a one-row bucket"
+            )
+        if prefill_batches[-1] > max_num_seqs:
+            raise ValueError(
+                f"prefill_batch_sizes {prefill_batches} has entries above "
+                f"max_num_seqs={max_num_seqs}; a step never holds more sequences than "
+                f"that, so drop them or raise max_num_seqs"
+            )
+        unused = [b for b in prefill_batches if b * prefill[0] > prefill[-1]]
+        if unused:
+            raise ValueError(
+                f"prefill_batch_sizes {unused} times the smallest prefill bucket "
+                f"({prefill[0]} tokens) exceed the largest ({prefill[-1]} tokens), the most "
+                f"tokens one step prefills, so they would get no bucket; drop them"
+            )
+
     if context_buckets is None:
         contexts = _default_context(max_model_len, block_size)
     else:
@@ -274,11 +347,10 @@ def plan_buckets(
                 f"include {full_context} and drop larger values"
             )
 
-    full_blocks = full_context // block_size
     return BucketPlan(
         block_size=block_size,
         max_model_len=max_model_len,
-        prefill=tuple(Bucket("prefill", 1, t, full_blocks) for t in prefill),
+        prefill=tuple(_prefill_buckets(prefill, prefill_batches, contexts, block_size)),
         decode=tuple(
             Bucket("decode", b, 1, c // block_size) for b in batches for c in contexts
         ),
@@ -314,11 +386,9 @@ def pad_to_bucket(
         raise ValueError(f"pad_to_bucket takes buckets of one phase, got {sorted(phases)}")
 
     blocks = math.ceil(context_len / block_size)
-    fitting = [
-        b for b in buckets if batch <= b.batch and tokens <= b.tokens and blocks <= b.context_blocks
-    ]
-    if fitting:
-        return min(fitting, key=lambda b: (b.cost, _sort_key(b)))
+    found = _cheapest(buckets, batch, tokens, blocks)
+    if found is not None:
+        return found
 
     largest = max(buckets, key=lambda b: (b.cost, _sort_key(b)))
     raise ValueError(
@@ -328,3 +398,72 @@ def pad_to_bucket(
         f"context={largest.context_blocks * block_size} tokens). Split the step to fit, "
         f"or recompile with larger buckets"
     )
+
+
+def _cheapest(buckets: Sequence[Bucket], batch: int, tokens: int, blocks: int) -> Bucket | None:
+    fitting = [
+        b for b in buckets if batch <= b.batch and tokens <= b.tokens and blocks <= b.context_blocks
+    ]
+    return min(fitting, key=lambda b: (b.cost, _sort_key(b))) if fitting else None
+
+
+def group_rows(
+    buckets: Sequence[Bucket],
+    rows: Sequence[tuple[int, int]],
+    *,
+    block_size: int,
+    depends_on: Sequence[Sequence[int]] | None = None,
+) -> list[tuple[Bucket, list[int]]]:
+    """Splits a step's rows into graph calls: ``[(bucket, row indices)]`` in the
+    order to run them.
+
+    ``rows[i]`` is ``(tokens, context_len)`` of row i, as for `pad_to_bucket`.
+    ``depends_on[i]`` lists earlier rows whose K/V of this step row i reads (a
+    prefix-cache hit on blocks another row of the step writes): those run in
+    an earlier call or the same one (a graph writes every row's K/V of a layer
+    before any row attends).
+
+    Rows of similar length go together: rows are ordered by (tokens, context)
+    (a dependent row no earlier than what it reads), then cut into runs that
+    minimise, in this order, the padded tokens computed (prefill is compute
+    bound), the number of calls, and the context blocks gathered. Every row
+    must fit some bucket alone.
+    """
+    block_size = _positive_int(block_size, "block_size")
+    n = len(rows)
+    if depends_on is None:
+        depends_on = [()] * n
+    need = [(t, math.ceil(c / block_size)) for t, c in rows]
+    key: list[tuple[int, int]] = []
+    for i, (own, deps) in enumerate(zip(need, depends_on)):
+        assert all(d < i for d in deps), (i, deps)
+        key.append(max([own, *(key[d] for d in deps)]))
+    order = sorted(range(n), key=lambda i: (key[i], i))
+
+    most = max(b.batch for b in buckets)
+    # best[j]: (cost, start of the last run, its bucket) for the first j rows of `order`.
+    best: list[tuple[tuple[int, int, int], int, Bucket | None]] = [((0, 0, 0), 0, None)]
+    for j in range(1, n + 1):
+        choice = None
+        for start in range(max(0, j - most), j):
+            run = order[start:j]
+            bucket = _cheapest(buckets, len(run), max(need[i][0] for i in run),
+                               max(need[i][1] for i in run))
+            if bucket is None:
+                continue
+            prev = best[start][0]
+            cost = (prev[0] + bucket.cost[0], prev[1] + 1, prev[2] + bucket.cost[1])
+            if choice is None or cost < choice[0]:
+                choice = (cost, start, bucket)
+        if choice is None:
+            t, c = rows[order[j - 1]]
+            pad_to_bucket(buckets, 1, t, c, block_size=block_size)  # raises: nothing fits
+            raise AssertionError("unreachable")
+        best.append(choice)
+    groups = []
+    j = n
+    while j:
+        _, start, bucket = best[j]
+        groups.append((bucket, order[start:j]))
+        j = start
+    return groups[::-1]

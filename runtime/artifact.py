@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from aotllm.graphs.buckets import Bucket, BucketPlan
+from aotllm.graphs.buckets import Bucket, BucketPlan, group_rows
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import Manifest, check_runtime_compat, verify_files
 from aotllm.quantize.config import SCHEMES
@@ -88,6 +88,18 @@ class CompiledExecutor:
             phase, shape.batch, shape.tokens, shape.context_blocks * self.plan.block_size
         )
         return StepShape(bucket.batch, bucket.tokens, bucket.context_blocks)
+
+    def group_rows(self, phase: str, rows: list[StepShape],
+                   depends_on: list[list[int]]) -> list[list[int]]:
+        limit = self.max_batch(phase)
+        if phase == "decode":
+            # Decode reads every weight once per call whatever the batch: the
+            # fewest calls win, so rows go in order, as many per call as fit.
+            return [list(range(i, min(i + limit, len(rows)))) for i in range(0, len(rows), limit)]
+        bs = self.plan.block_size
+        groups = group_rows(self.plan.prefill, [(r.tokens, r.context_blocks * bs) for r in rows],
+                            block_size=bs, depends_on=depends_on)
+        return [members for _, members in groups]
 
     def __call__(self, phase: str, shape: StepShape, *inputs) -> torch.Tensor:
         *tensors, kv_caches = inputs

@@ -42,6 +42,13 @@ class Executor(Protocol):
 
     def padded_shape(self, phase: str, shape: StepShape) -> StepShape: ...
 
+    def group_rows(self, phase: str, rows: list[StepShape],
+                   depends_on: list[list[int]]) -> list[list[int]]:
+        """Splits a step's rows (each a batch-1 shape) into calls: row indices
+        per call, in the order to run them. A row runs no earlier than the rows
+        in its `depends_on` (it reads K/V they write this step)."""
+        ...
+
     def __call__(
         self,
         phase: str,
@@ -68,6 +75,10 @@ class EagerExecutor:
 
     def padded_shape(self, phase: str, shape: StepShape) -> StepShape:
         return shape
+
+    def group_rows(self, phase: str, rows: list[StepShape],
+                   depends_on: list[list[int]]) -> list[list[int]]:
+        return [list(range(len(rows)))]
 
     @torch.inference_mode()
     def __call__(self, phase, shape, *inputs):
@@ -161,11 +172,21 @@ class ModelRunner:
         # replay random draws it has already used.
         for rid in sched.finished_ids:
             self._request_generators.pop(rid, None)
-        limit = self.executor.max_batch(sched.phase) or max(len(sched.seqs), 1)
-        sampled: dict[str, SampledToken] = {}
-        for start in range(0, len(sched.seqs), limit):
-            sampled.update(self._run(sched.phase, sched.seqs[start : start + limit]))
-        return sampled
+        seqs = sched.seqs
+        if not seqs:
+            return {}
+        rows = [StepShape(1, len(s.token_ids), len(s.block_ids)) for s in seqs]
+        # Decode rows only read their own earlier tokens.
+        deps = (_step_dependencies(seqs, self.kv_spec.block_size) if sched.phase == "prefill"
+                else [[] for _ in seqs])
+        groups = self.executor.group_rows(sched.phase, rows, deps)
+        parts = [self.run_logits(sched.phase, [seqs[i] for i in g]) for g in groups]
+        order = [i for g in groups for i in g]
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # One sampler call for the whole step, in the step's row order: the
+        # draws do not depend on how the rows were split into graph calls.
+        at = {row: k for k, row in enumerate(order)}
+        return self._sample(seqs, logits, [at[i] for i in range(len(seqs))])
 
     def run_logits(self, phase: str, seqs: list[ScheduledSeq]) -> torch.Tensor:
         """Runs one step without sampling: `[len(seqs), vocab]` float32 logits of
@@ -183,8 +204,10 @@ class ModelRunner:
         logits = self.executor(phase, shape, *inputs, self.kv_caches)
         return logits[: len(seqs)]
 
-    def _run(self, phase: str, seqs: list[ScheduledSeq]) -> dict[str, SampledToken]:
-        logits = self.run_logits(phase, seqs)
+    def _sample(self, seqs: list[ScheduledSeq], logits: torch.Tensor,
+                logit_rows: list[int]) -> dict[str, SampledToken]:
+        """Samples every row that ends at its last token; `logit_rows[i]` is
+        seq i's row of `logits`."""
         rows = [i for i, s in enumerate(seqs) if s.sample]
         if not rows:
             return {}
@@ -199,12 +222,28 @@ class ModelRunner:
                     generator=self._generator_for(req.request_id, req.sampling_params.seed),
                 )
             )
-        if len(rows) == rows[-1] + 1:  # rows 0..n-1: a view, no gather
-            sample_logits = logits[: len(rows)]
+        picked = [logit_rows[i] for i in rows]
+        if picked == list(range(len(picked))):  # rows 0..n-1: a view, no gather
+            sample_logits = logits[: len(picked)]
         else:
-            sample_logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            sample_logits = logits.index_select(0, torch.tensor(picked, device=logits.device))
         out = self.sampler(sample_logits, sampling_rows, self.generator)
         return {
             seqs[i].request_id: SampledToken(tok, lp)
             for i, tok, lp in zip(rows, out.token_ids, out.logprobs)
         }
+
+
+def _step_dependencies(seqs: list[ScheduledSeq], block_size: int) -> list[list[int]]:
+    """For each row, the earlier rows of the step whose new K/V it reads: a
+    prefix-cache hit on blocks that an earlier row writes in this very step
+    (the `n` samples of one prompt admitted together)."""
+    writer: dict[int, int] = {}
+    deps: list[list[int]] = []
+    for i, s in enumerate(seqs):
+        end = s.start_pos + len(s.token_ids)
+        read = s.block_ids[: -(-s.start_pos // block_size)]
+        deps.append(sorted({writer[b] for b in read if b in writer}))
+        for b in s.block_ids[s.start_pos // block_size : -(-end // block_size)]:
+            writer.setdefault(b, i)
+    return deps

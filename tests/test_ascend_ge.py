@@ -116,6 +116,11 @@ def _bucket(spec):
 
 PARAMS = [pytest.param(m, s, b, id=f"{m}-{s or 'bf16'}-{b[0]}{b[1]}x{b[2]}")
           for m in MODELS for s in SCHEMES for b in BUCKETS]
+# Batched prefill: FIA's actual_seq_lengths / actual_seq_lengths_kv per row,
+# one fresh prompt and one chunk after 16 cached tokens (the ops do not
+# depend on the model or scheme beyond what the B=1 cases cover).
+PARAMS.append(pytest.param("llama-gqa", None, ("prefill", 2, 16),
+                           id="llama-gqa-bf16-prefill2x16"))
 
 
 def _producer(graph, name):
@@ -179,8 +184,10 @@ def _step_inputs(bucket, spec, vocab, seed):
     already in the cache, padding tokens writing to the null block."""
     g = torch.Generator().manual_seed(seed)
     b, t = bucket.batch, bucket.tokens
-    ctx = [t - 5] if t > 1 else [21, 7, 30, 12][:b]  # prefill: 11 of 16 tokens valid
-    qlen = [t - 5] if t > 1 else [1] * b
+    # prefill: 11 of 16 tokens valid from position 0; a second row: 14
+    # tokens after 16 cached ones
+    ctx = [t - 5, 30][:b] if t > 1 else [21, 7, 30, 12][:b]
+    qlen = [t - 5, 14][:b] if t > 1 else [1] * b
     # Own blocks per row; the 4th row (12 tokens) needs one, its unused
     # second entry points at the null block.
     tables = torch.tensor([[1 + 2 * r, (2 + 2 * r) % NUM_BLOCKS] for r in range(b)],

@@ -91,6 +91,11 @@ def workload(bucket: Bucket) -> tuple[list[int], int, tuple[int, ...]]:
     Each workload needs `bucket` and no smaller one of its phase, with padding
     where the plan allows it: prompts shorter than T, and one row fewer than B.
     """
+    if bucket.phase == "prefill" and bucket.batch > 1:
+        # B prompts that fit T, admitted in one step: one batched call (the
+        # same padded tokens as B one-row calls, in fewer calls).
+        lengths = [bucket.tokens - bucket.batch + 1 + i for i in range(bucket.batch)]
+        return lengths, 3, tuple(lengths)
     if bucket.phase == "prefill":
         shortest = _smaller([b.tokens for b in PLAN.prefill], bucket.tokens) + 1
         return [shortest, bucket.tokens], 3, (shortest,)
