@@ -10,6 +10,7 @@ process never holds a second copy of the weights.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -56,8 +57,23 @@ def load_weights(model: CausalLM, checkpoint: str | Path | CheckpointSource,
     checkpoint) through the model's weight map; a missing or foreign tensor is
     an error naming it."""
     source = open_checkpoint(checkpoint)
+    # Only what is still a float parameter: a pre-quantized checkpoint's reader
+    # (quantize/modelslim.py) has filled the linears it swapped in itself.
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    weight_map = {n: s for n, s in model.weight_map.items() if s.param in params}
+    # Parameters of modules swapped in after construction (a norm or a
+    # quantized linear that gained a bias) load like their weight's rows, or
+    # under their own names.
+    mapped = {s.param for s in model.weight_map.values()} | {"lm_head.weight"}
+    for name in sorted(params - mapped):
+        module, _, attr = name.rpartition(".")
+        rows = weights.checkpoint_shards(model.weight_map, f"{module}.weight")
+        if not rows:
+            weight_map[model.checkpoint_name(name)] = weights.Shard(name)
+        for ckpt, shard in rows:
+            weight_map[f"{ckpt.removesuffix('.weight')}.{attr}"] = replace(shard, param=name)
     weights.load_weights(
-        model, model.weight_map, source.describe(), model.config.architecture,
+        model, weight_map, source.describe(), model.config.architecture,
         source.tensors() if tensors is None else tensors,
         skip=model.ignored_checkpoint_tensors(),
     )

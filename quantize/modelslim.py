@@ -186,6 +186,8 @@ def _shard_prefixes(model: CausalLM, linear_name: str) -> list[str]:
     """The checkpoint's linear names behind one of the model's (maybe fused) linears,
     in row order (their tensors concatenate into the fused one)."""
     shards = checkpoint_shards(model.weight_map, f"{linear_name}.weight")
+    if not shards:  # a tied lm_head: no tensor of its own
+        return [linear_name]
     if any(s.rows is not None or s.expert is not None for _, s in shards):
         raise ValueError(
             f"msModelSlim checkpoints of {model.config.architecture} are not supported: "
