@@ -65,9 +65,27 @@ def hf_tokenizer(path: str | Path, **kwargs: Any) -> Any:
     """AutoTokenizer.from_pretrained with an error that says what is missing."""
     from transformers import AutoTokenizer
 
+    # Never run a checkpoint's own tokenizer code (nor ask whether to): a
+    # remote-code checkpoint (ChatGLM, InternLM2) with a tokenizer.json loads
+    # as a fast tokenizer from that file.
+    kwargs.setdefault("trust_remote_code", False)
+    if "gguf_file" not in kwargs and _remote_tokenizer(Path(path)) is not None \
+            and (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        kwargs.pop("trust_remote_code")
+        return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
     try:
         return AutoTokenizer.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as e:
+        remote = _remote_tokenizer(Path(path))
+        if remote is not None and "gguf_file" not in kwargs:
+            raise ValueError(
+                f"could not load a tokenizer from {path}: its tokenizer is remote code "
+                f"({remote}), which aotllm does not run, and it has no tokenizer.json. "
+                "Convert the tokenizer to a fast one (tokenizer.json) where you trust the "
+                "code, or pass `tokenizer=` to point elsewhere."
+            ) from e
         if "gguf_file" in kwargs:
             where = Path(path) / kwargs["gguf_file"]
             needs = "The file needs tokenizer.ggml.* metadata (tokens, merges, model)"
@@ -79,6 +97,18 @@ def hf_tokenizer(path: str | Path, **kwargs: Any) -> Any:
             f"could not load a tokenizer from {where}: {e}. {needs}; pass `tokenizer=` "
             "to point elsewhere."
         ) from e
+
+
+def _remote_tokenizer(path: Path) -> str | None:
+    """The remote-code tokenizer class tokenizer_config.json names, if any."""
+    config = path / "tokenizer_config.json"
+    try:
+        auto = json.loads(config.read_text()).get("auto_map", {}).get("AutoTokenizer")
+    except (OSError, ValueError):
+        return None
+    if not auto:
+        return None
+    return auto[0] if isinstance(auto, list) else str(auto)
 
 
 class SafetensorsCheckpoint:

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aotllm.models.registry import resolve_architecture
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -29,30 +27,76 @@ class ModelConfig:
     hidden_act: str
     # Per layer: the sliding-window size, or None for full attention.
     sliding_windows: tuple[int | None, ...]
-    # config.json as transformers normalises it (rope parameters included);
-    # kept whole so the manifest records it and rope init can use it.
+    # config.json as transformers normalises it (rope parameters included),
+    # or as the checkpoint wrote it for a family transformers has no class
+    # for; kept whole so the manifest records it and rope init can use it.
     hf_config: dict[str, Any]
+    # What differs per family; the defaults are Llama's.
+    norm: str = "rms"  # "rms" | "layer" (LayerNorm with bias: Falcon)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
+    # Rotary dims per head (GLM rotates half of each head), 0 = head_dim; the
+    # interleaved layout pairs dims (2i, 2i+1) instead of (i, i + dim / 2).
+    rotary_dim: int = 0
+    rotary_interleaved: bool = False
+    # "sequential" (Llama), "parallel" (Falcon: attention and MLP read the
+    # same input), "sandwich" (Glm4: a norm after attention and after MLP).
+    layer_kind: str = "sequential"
+    # Falcon with new_decoder_architecture: separate input norms for attention and MLP.
+    parallel_norms: int = 1
+    gated_mlp: bool = True  # act(gate) * up; False: act(up) (Falcon's GELU MLP)
+    # Mixture of experts (Mixtral): experts per layer, experts per token.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    # Rope parameters for a family whose config.json spells them its own way
+    # (ChatGLM's rope_ratio); None: read from hf_config.
+    rope_override: dict[str, Any] | None = None
 
     @property
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         attn += self.num_heads * self.head_dim * h
-        per_layer = attn + 3 * h * i + 2 * h
+        mlp = (3 if self.gated_mlp else 2) * h * i
+        if self.num_experts:
+            mlp = mlp * self.num_experts + h * self.num_experts
+        per_layer = attn + mlp + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * per_layer + h + head
 
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        """rope_type, rope_theta and the scaling fields, in either config layout."""
+        if self.rope_override is not None:
+            return dict(self.rope_override)
+        params = dict(self.hf_config.get("rope_parameters") or {})
+        if not params:  # transformers 4.x layout
+            params = dict(self.hf_config.get("rope_scaling") or {})
+            params.setdefault("rope_theta", self.hf_config.get("rope_theta", 10000.0))
+        params.setdefault("rope_type", params.pop("type", "default"))
+        return params
+
+    @property
+    def derived_max_model_len(self) -> int:
+        """vLLM's rule: max_position_embeddings, times the factor of 'dynamic'
+        rope scaling, which exists to run past it."""
+        rope = self.rope_parameters
+        if rope["rope_type"] == "dynamic":
+            return int(self.max_position_embeddings * float(rope.get("factor", 1.0)))
+        return self.max_position_embeddings
+
     def resolve_max_model_len(self, requested: int | None) -> int:
-        """vLLM's rule: default to max_position_embeddings, never exceed it."""
+        """vLLM's rule: default to the derived max_model_len, never exceed it."""
+        limit = self.derived_max_model_len
         if requested is None:
-            return self.max_position_embeddings
+            return limit
         if requested <= 0:
             raise ValueError(f"max_model_len must be positive, got {requested}")
-        if requested > self.max_position_embeddings:
+        if requested > limit:
             raise ValueError(
                 f"User-specified max_model_len ({requested}) is greater than the derived "
-                f"max_model_len (max_position_embeddings={self.max_position_embeddings} "
-                "in the model's config.json). Decrease max_model_len."
+                f"max_model_len ({limit}, from max_position_embeddings="
+                f"{self.max_position_embeddings} in the model's config.json). "
+                "Decrease max_model_len."
             )
         return requested
 
@@ -72,7 +116,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        architecture = resolve_architecture(raw)
+        """The config of the family config.json's architecture names (models/registry.py)."""
+        from aotllm.models.registry import model_spec
+
+        return model_spec(raw).parse_config(raw)
+
+    @classmethod
+    def from_transformers(cls, raw: dict[str, Any], architecture: str,
+                          **family: Any) -> "ModelConfig":
+        """The common fields of a family transformers ships a config class for;
+        `family` sets (or overrides) what differs per family."""
         from transformers import AutoConfig
 
         d = dict(raw)
@@ -80,42 +133,39 @@ class ModelConfig:
         num_heads = hf.num_attention_heads
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or num_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({num_heads}) must be a multiple of "
-                f"num_key_value_heads ({num_kv_heads})"
-            )
-        model_type = hf.model_type
-        # Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral use
-        # `attention_bias` for all four projections.
-        if model_type == "qwen2":
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = bool(getattr(hf, "attention_bias", False))
         layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers
         window = getattr(hf, "sliding_window", None)
-        if model_type == "mistral":
-            layer_types = ["sliding_attention" if window else "full_attention"] * hf.num_hidden_layers
         windows = tuple(
             window if (t == "sliding_attention" and window) else None for t in layer_types
         )
-        return cls(
+        bias = bool(getattr(hf, "attention_bias", False))
+        fields: dict[str, Any] = dict(
             architecture=architecture,
-            model_type=model_type,
+            model_type=hf.model_type,
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
-            intermediate_size=hf.intermediate_size,
+            intermediate_size=getattr(hf, "intermediate_size", 0),
             num_layers=hf.num_hidden_layers,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=hf.rms_norm_eps,
+            rms_norm_eps=getattr(hf, "rms_norm_eps", 1e-6),
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
+            qkv_bias=bias,
+            o_bias=bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            hidden_act=hf.hidden_act,
+            hidden_act=getattr(hf, "hidden_act", "silu"),
             sliding_windows=windows,
             hf_config=hf.to_dict(),
         )
+        fields.update(family)
+        return cls(**fields).validated()
+
+    def validated(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        return self

@@ -1,9 +1,13 @@
-"""The Llama-style decoder shared by the Llama, Qwen2 and Mistral families.
+"""The decoder every family shares: attention on the ops layer, MLP (gated or
+not, or routed experts), norms, and the three residual layouts the families
+use. A family's file (models/<family>.py) says only what differs: its config
+parser and its checkpoint names (`CausalLM.weight_map`).
 
-Module and parameter names follow transformers (`model.layers.N.self_attn...`)
+Module and parameter names follow transformers' Llama (`model.layers.N...`)
 except that q/k/v and gate/up are stored fused (`qkv_proj`, `gate_up_proj`),
-as vLLM does: one matmul instead of three (two) per layer. The loader maps the
-checkpoint's separate tensors into slices of the fused ones.
+as vLLM does: one matmul instead of three (two) per layer. Each fused linear
+knows its shards (`MergedLinear`), and the weight map puts every checkpoint
+tensor into its rows (models/weights.py).
 
 `forward` takes exactly the graph signature of DESIGN.md; nothing reaches it
 through globals, so the same module is run eagerly, exported per bucket, or
@@ -12,14 +16,27 @@ handed to torchair.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
 from aotllm.models.config import ModelConfig
-from aotllm.models.layers import Embedding, Linear, RMSNorm
+from aotllm.models.layers import Embedding, LayerNorm, Linear, MergedLinear, RMSNorm
 from aotllm.models.ops import TorchOps
-from aotllm.models.rope import rope_inv_freq
+from aotllm.models.rope import rope_inv_freq, rotary_dim
+from aotllm.models.weights import Shard, WeightMap
+
+
+def make_norm(config: ModelConfig, size: int, ops, dtype: torch.dtype) -> nn.Module:
+    if config.norm == "layer":
+        return LayerNorm(size, config.rms_norm_eps, dtype)
+    return RMSNorm(size, config.rms_norm_eps, ops, dtype)
+
+
+def _norm_tensors(norm: nn.Module) -> list[torch.Tensor]:
+    return [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
 
 
 class Attention(nn.Module):
@@ -33,10 +50,17 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_windows[layer_idx]
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, config.qkv_bias, ops, dtype
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            (("q_proj", self.q_size), ("k_proj", self.kv_size), ("v_proj", self.kv_size)),
+            config.qkv_bias, ops, dtype,
         )
         self.o_proj = Linear(self.q_size, config.hidden_size, config.o_bias, ops, dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops, dtype)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(
         self,
@@ -55,6 +79,8 @@ class Attention(nn.Module):
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary(q, k, cos, sin)
         self.ops.write_kv(kv_cache, k, v, slot_mapping)
         out = self.ops.paged_attention(
@@ -65,16 +91,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops, dtype: torch.dtype):
+    """down(act(gate) * up), or down(act(up)) when the family's MLP has no gate."""
+
+    def __init__(self, config: ModelConfig, ops, dtype: torch.dtype,
+                 intermediate_size: int | None = None):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(
-            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, ops, dtype
-        )
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, ops, dtype)
+        i = intermediate_size or config.intermediate_size
+        self.intermediate_size = i
+        h, bias = config.hidden_size, config.mlp_bias
+        self.gated = config.gated_mlp
+        if self.gated:
+            self.gate_up_proj = MergedLinear(
+                h, (("gate_proj", i), ("up_proj", i)), bias, ops, dtype)
+        else:
+            self.up_proj = Linear(h, i, bias, ops, dtype)
+        self.down_proj = Linear(i, h, bias, ops, dtype)
         self.act = ACT2FN[config.hidden_act]
 
+    @property
+    def in_proj(self) -> Linear:
+        return self.gate_up_proj if self.gated else self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(self.act(self.up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -82,10 +122,24 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, ops, dtype: torch.dtype):
         super().__init__()
+        self.kind = config.layer_kind
+        h = config.hidden_size
         self.self_attn = Attention(config, layer_idx, ops, dtype)
-        self.mlp = MLP(config, ops, dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
+        if config.num_experts:
+            from aotllm.models.moe import SparseMoE
+
+            self.mlp = SparseMoE(config, ops, dtype)
+        else:
+            self.mlp = MLP(config, ops, dtype)
+        self.input_layernorm = make_norm(config, h, ops, dtype)
+        # Parallel layers read one norm (or, Falcon's new decoder, one per branch).
+        if self.kind != "parallel" or config.parallel_norms == 2:
+            self.post_attention_layernorm = make_norm(config, h, ops, dtype)
+        else:
+            self.post_attention_layernorm = None
+        if self.kind == "sandwich":
+            self.post_self_attn_layernorm = make_norm(config, h, ops, dtype)
+            self.post_mlp_layernorm = make_norm(config, h, ops, dtype)
 
     def forward(
         self,
@@ -99,10 +153,16 @@ class DecoderLayer(nn.Module):
         context_lens: torch.Tensor,
         query_lens: torch.Tensor,
     ) -> torch.Tensor:
+        x = self.input_layernorm(h)
         a = self.self_attn(
-            self.input_layernorm(h),
-            cos, sin, kv_cache, slot_mapping, block_tables, positions, context_lens, query_lens,
+            x, cos, sin, kv_cache, slot_mapping, block_tables, positions, context_lens, query_lens,
         )
+        if self.kind == "parallel":
+            mlp_in = x if self.post_attention_layernorm is None else self.post_attention_layernorm(h)
+            return h + a + self.mlp(mlp_in)
+        if self.kind == "sandwich":
+            h = h + self.post_self_attn_layernorm(a)
+            return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -111,16 +171,24 @@ class DecoderLayer(nn.Module):
         (tensors whose dim 0 makes channel c of an activation, the linears that
         are the only readers of that activation). Dividing the former's rows by
         s and multiplying the latter's input columns by s leaves the layer's
-        output unchanged: norms scale their output, and down_proj's input is
-        act(gate) * up, linear in up's rows."""
-        mlp = self.mlp.gate_up_proj
-        i = self.mlp.intermediate_size
-        up = [mlp.weight[i:]] + ([mlp.bias[i:]] if mlp.bias is not None else [])
-        return [
-            ([self.input_layernorm.weight], [self.self_attn.qkv_proj]),
-            ([self.post_attention_layernorm.weight], [self.mlp.gate_up_proj]),
-            (up, [self.mlp.down_proj]),
-        ]
+        output unchanged: norms scale their output (weight and bias), and
+        down_proj's input is act(gate) * up, linear in up's rows. Routed
+        experts are not linears (they stay float), so their inputs are left."""
+        qkv = self.self_attn.qkv_proj
+        dense = isinstance(self.mlp, MLP)
+        if self.post_attention_layernorm is None:  # one norm feeds both branches
+            readers = [qkv] + ([self.mlp.in_proj] if dense else [])
+            groups = [(_norm_tensors(self.input_layernorm), readers)]
+        else:
+            groups = [(_norm_tensors(self.input_layernorm), [qkv])]
+            if dense:
+                groups.append((_norm_tensors(self.post_attention_layernorm), [self.mlp.in_proj]))
+        if dense and self.mlp.gated:
+            mlp = self.mlp.gate_up_proj
+            i = self.mlp.intermediate_size
+            up = [mlp.weight[i:]] + ([mlp.bias[i:]] if mlp.bias is not None else [])
+            groups.append((up, [self.mlp.down_proj]))
+        return groups
 
 
 class DecoderModel(nn.Module):
@@ -130,11 +198,17 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, ops, dtype) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
+        self.norm = make_norm(config, config.hidden_size, ops, dtype)
 
 
 class CausalLM(nn.Module):
-    """A decoder-only LM whose forward is the aotllm graph signature."""
+    """A decoder-only LM whose forward is the aotllm graph signature.
+
+    A family subclasses it only to name its checkpoint's tensors: `renames`
+    (regex, replacement) rewrite the names of the Llama-shaped modules, and
+    `weight_map` may regroup shards (e.g. one grouped `wqkv` tensor)."""
+
+    renames: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, ops=TorchOps):
         super().__init__()
@@ -144,13 +218,60 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, ops, dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq, self.rope_scaling = rope_inv_freq(config)
+        inv_freq, self.rope_scaling, self.dynamic_rope = rope_inv_freq(config)
+        # Rotary pairs sit at (i, i + head_dim / 2); dims a partial rotary leaves
+        # alone get frequency 0, so cos 1 and sin 0 pass them through unchanged.
+        self.rotary_pad = config.head_dim // 2 - rotary_dim(config) // 2
+        if self.rotary_pad and self.rope_scaling != 1.0:
+            raise ValueError("partial rotary with an attention-scaling rope type is not supported")
         # Not persistent: derived from the config, not a checkpoint tensor.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._pad(inv_freq), persistent=False)
+        # Plain data, built while every linear is still float: the quantized
+        # modules that replace linears later keep the same checkpoint names.
+        self.weight_map: WeightMap = self.build_weight_map()
 
-    def rotary_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(inv_freq, (0, self.rotary_pad))
+
+    def checkpoint_name(self, name: str) -> str:
+        for pattern, replacement in self.renames:
+            name = re.sub(pattern, replacement, name)
+        return name
+
+    def regroup(self, weight_map: WeightMap) -> None:
+        """A family's changes to the map in the model's own names (before
+        `renames`): fused tensors the checkpoint stores whole, reordered rows."""
+
+    def build_weight_map(self) -> WeightMap:
+        """Checkpoint tensor name -> where it goes, for every parameter."""
+        out: WeightMap = {}
+        tied = self.config.tie_word_embeddings
+        for prefix, module in self.named_modules():
+            if hasattr(module, "weight_shards"):
+                shards = module.weight_shards(prefix)
+            else:
+                shards = {f"{prefix}.{attr}": Shard(f"{prefix}.{attr}")
+                          for attr, _ in module.named_parameters(recurse=False)}
+            for name, shard in shards.items():
+                if not (tied and name == "lm_head.weight"):
+                    out[name] = shard
+        self.regroup(out)
+        return {self.checkpoint_name(name): shard for name, shard in out.items()}
+
+    def ignored_checkpoint_tensors(self) -> frozenset[str]:
+        """Checkpoint names that carry nothing to load (a tied head's copy)."""
+        if self.config.tie_word_embeddings:
+            return frozenset({self.checkpoint_name("lm_head.weight")})
+        return frozenset()
+
+    def rotary_cos_sin(self, positions: torch.Tensor,
+                       context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32 angles as transformers computes them, then cast to the model dtype.
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        if self.dynamic_rope is not None:
+            inv_freq = self._pad(self.dynamic_rope.inv_freq(context_lens)).unsqueeze(1)
+        else:
+            inv_freq = self.inv_freq
+        freqs = positions.float().unsqueeze(-1) * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.rope_scaling).to(self.dtype)
         sin = (emb.sin() * self.rope_scaling).to(self.dtype)
@@ -166,7 +287,7 @@ class CausalLM(nn.Module):
         query_lens: torch.Tensor,  # [B] int64, valid tokens per row (>= 1)
         kv_caches: list[torch.Tensor],  # per layer, mutated in place
     ) -> torch.Tensor:  # [B, vocab] float32: logits of each row's last valid token
-        cos, sin = self.rotary_cos_sin(positions)
+        cos, sin = self.rotary_cos_sin(positions, context_lens)
         h = self.model.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             h = layer(h, kv_cache, cos, sin, slot_mapping, block_tables, positions, context_lens,

@@ -174,16 +174,16 @@ class GGUFCheckpoint:
     def raw_config(self) -> dict[str, Any]:
         from transformers import AutoConfig
 
-        from aotllm.models.registry import SUPPORTED_ARCHITECTURES
+        from aotllm.models.registry import architecture_for_model_type
 
         self.architecture()  # refuse other archs with our message, before transformers'
         config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         # transformers' private keys (_name_or_path, ...) are not part of a config.json.
         raw = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
-        by_type = {t: arch for arch, t in SUPPORTED_ARCHITECTURES.items()}
         # A GGUF names no HF class; the model_type transformers derived picks it.
-        if raw.get("model_type") in by_type:
-            raw["architectures"] = [by_type[raw["model_type"]]]
+        arch = architecture_for_model_type(raw.get("model_type", ""))
+        if arch is not None:
+            raw["architectures"] = [arch]
         return raw
 
     def generation_config(self) -> dict[str, Any]:

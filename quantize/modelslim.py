@@ -34,7 +34,9 @@ from aotllm.models.config import ModelConfig
 from aotllm.models.decoder import CausalLM
 from aotllm.models.layers import Linear, RMSNorm
 from aotllm.models.checkpoint import SafetensorsCheckpoint
-from aotllm.models.loader import _checkpoint_name, _slices_needed, load_weights, resolve_dtype
+from aotllm.models.loader import load_weights, resolve_dtype
+from aotllm.models.registry import build_model
+from aotllm.models.weights import checkpoint_shards
 from aotllm.models.ops import TorchOps
 from aotllm.quantize.config import QuantConfig
 from aotllm.quantize.linear import W8A8DynamicLinear, W8A8StaticLinear, W8A16Linear
@@ -180,10 +182,19 @@ def encode_deq_scale(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous().view(torch.int32).to(torch.int64)
 
 
-def _shard_prefixes(linear_name: str) -> list[str]:
-    """The checkpoint's linear names behind one of the model's (maybe fused) linears."""
-    shards = sorted(_slices_needed(f"{linear_name}.weight"), key=lambda s: -1 if s is None else s)
-    return [_checkpoint_name(f"{linear_name}.weight", s).removesuffix(".weight") for s in shards]
+def _shard_prefixes(model: CausalLM, linear_name: str) -> list[str]:
+    """The checkpoint's linear names behind one of the model's (maybe fused) linears,
+    in row order (their tensors concatenate into the fused one)."""
+    shards = checkpoint_shards(model.weight_map, f"{linear_name}.weight")
+    if not shards:  # a tied lm_head: no tensor of its own
+        return [linear_name]
+    if any(s.rows is not None or s.expert is not None for _, s in shards):
+        raise ValueError(
+            f"msModelSlim checkpoints of {model.config.architecture} are not supported: "
+            f"its {linear_name} is regrouped on load. Quantize the float checkpoint with "
+            "aotllm instead (--quantization)"
+        )
+    return [name.removesuffix(".weight") for name, _ in shards]
 
 
 def _cat(tensors: _Tensors, prefixes: list[str], attr: str) -> torch.Tensor:
@@ -304,7 +315,7 @@ def load_modelslim_model(model_dir: str | Path, dtype: str | torch.dtype = "auto
     config = ModelConfig.from_pretrained(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device(device):
-        model = CausalLM(config, torch_dtype, ops=ops)
+        model = build_model(config, torch_dtype, ops)
     with contextlib.ExitStack() as stack:
         tensors = _Tensors(stack, model_dir)
         _check_coverage(desc, tensors)
@@ -317,7 +328,7 @@ def load_modelslim_model(model_dir: str | Path, dtype: str | torch.dtype = "auto
                 continue
             if not isinstance(module, Linear):
                 continue
-            prefixes = _shard_prefixes(name)
+            prefixes = _shard_prefixes(model, name)
             types = {desc.tensor_types.get(f"{p}.weight") for p in prefixes}
             if types == {None}:
                 continue  # tied lm_head: no tensor of its own

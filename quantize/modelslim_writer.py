@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from aotllm.models.decoder import CausalLM
-from aotllm.models.loader import _checkpoint_name, _fused_slice, _slices_needed
+from aotllm.models.weights import checkpoint_shards
 from aotllm.quantize.config import resolve_scheme
 from aotllm.quantize.linear import W8A8StaticLinear, W8A16Linear, _QuantLinear
 from aotllm.quantize.modelslim import DESCRIPTION_FILE, FLOAT, MODEL_QUANT_TYPES, encode_deq_scale
@@ -53,13 +53,17 @@ def _quant_tensors(model: CausalLM, m: _QuantLinear) -> tuple[dict[str, torch.Te
 
 def _split(model: CausalLM, module_name: str, attr: str, t: torch.Tensor,
            per_row: bool) -> list[tuple[str, torch.Tensor]]:
-    """Checkpoint (name, tensor) pairs of one of the model's (maybe fused) tensors."""
-    out = []
-    for shard in sorted(_slices_needed(f"{module_name}.weight"), key=lambda s: -1 if s is None else s):
-        part = t if shard is None or not per_row else _fused_slice(model, t, shard)
-        # clone: safetensors refuses tensors that share storage.
-        out.append((_checkpoint_name(f"{module_name}.{attr}", shard), part.detach().cpu().clone()))
-    return out
+    """Checkpoint (name, tensor) pairs of one of the model's (maybe fused) tensors,
+    split back apart through the model's weight map."""
+    own = checkpoint_shards(model.weight_map, f"{module_name}.{attr}")
+    if own:
+        pairs = [(name, shard) for name, shard in own]
+    else:  # a quantized linear's own tensor (scale, offset): rows laid out as its weight's
+        pairs = [(f"{name.removesuffix('.weight')}.{attr}", shard) for name, shard
+                 in checkpoint_shards(model.weight_map, f"{module_name}.weight")]
+    # clone: safetensors refuses tensors that share storage.
+    return [(name, (shard.unload(t) if per_row else t).detach().cpu().clone())
+            for name, shard in pairs]
 
 
 def write_modelslim_checkpoint(model: CausalLM, record_scheme: str, hf_source_dir: str | Path,

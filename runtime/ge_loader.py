@@ -60,12 +60,12 @@ class GeLoader:
         if self._model is not None:
             return self._model
         from aotllm.models.config import ModelConfig
-        from aotllm.models.decoder import CausalLM
         from aotllm.models.npu_ops import NpuOps, prepare
+        from aotllm.models.registry import build_model
 
         dtype = getattr(torch, manifest.dtype)
         with torch.device("meta"):
-            model = CausalLM(ModelConfig.from_hf_dict(manifest.model_config), dtype, NpuOps)
+            model = build_model(ModelConfig.from_hf_dict(manifest.model_config), dtype, NpuOps)
         if manifest.quantization is not None:
             from aotllm.quantize.apply import quantized_skeleton
 

@@ -73,7 +73,11 @@ def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_b
     runner = ModelRunner(executor, kv_spec, num_blocks, Sampler(eos), kv_dtype, args.seed)
     scheduler = Scheduler(sched_config, kv_spec.block_size, num_blocks,
                           enable_prefix_caching=args.enable_prefix_caching)
-    return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, hf_config["vocab_size"],
+    # Parsed by the model's family: remote-code configs spell it their own way.
+    from aotllm.models.config import ModelConfig
+
+    vocab_size = ModelConfig.from_hf_dict(hf_config).vocab_size
+    return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, vocab_size,
                      default_sampling_overrides(model_generation_config))
 
 

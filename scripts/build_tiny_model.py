@@ -54,7 +54,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "glm", "glm4", "falcon", "mixtral")
 DTYPES = ("float32", "float16", "bfloat16")
 
 # tokenizer_vocab_size is the BPE training target; the corpus caps what is
@@ -101,7 +101,20 @@ _FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen2": {"use_sliding_window": False},
     "mistral": {"sliding_window": None},
+    "qwen3": {"use_sliding_window": False},
+    "glm": {},
+    "glm4": {},
+    "falcon": {"alibi": False},
+    "mixtral": {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
+# Families whose config class spells the common fields differently (None: has no such field).
+_FIELD_NAMES: dict[str, dict[str, str | None]] = {
+    "falcon": {"num_key_value_heads": "num_kv_heads", "intermediate_size": "ffn_hidden_size",
+               "rms_norm_eps": "layer_norm_epsilon", "hidden_act": None},
+}
+_HEAD_DIM_FAMILIES = ("qwen3", "glm", "glm4")
+# Families whose tokenizer transformers 5 rebuilds as Qwen2Tokenizer (NFC normalised).
+_NFC_FAMILIES = ("qwen2", "qwen3")
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Read by every family's modeling code (via getattr) although not every config
 # class declares it.
@@ -162,9 +175,11 @@ def build_tiny_model(
 
 
 def _config_class(family: str) -> type:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    import transformers as tf
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    classes = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig,
+               "qwen3": tf.Qwen3Config, "glm": tf.GlmConfig, "glm4": tf.Glm4Config,
+               "falcon": tf.FalconConfig, "mixtral": tf.MixtralConfig}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; choose one of {list(FAMILIES)}")
     return classes[family]
@@ -196,6 +211,12 @@ def _make_config(
     fields.update(_COMMON_CONFIG)
     fields.update(_FAMILY_CONFIG[family])
     fields.update(PRESETS[preset]["config"])
+    if family in _HEAD_DIM_FAMILIES:  # their default head_dim (128) ignores hidden_size
+        fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+    for common, own in _FIELD_NAMES.get(family, {}).items():
+        value = fields.pop(common, None)
+        if own is not None and value is not None:
+            fields[own] = value
     fields.update(rope)
     fields.update(overrides)
     fields.update(
@@ -248,7 +269,7 @@ def _make_tokenizer(vocab_size: int, family: str) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer.from_str(_train_tokenizer_json(vocab_size))
-    if family == "qwen2":
+    if family in _NFC_FAMILIES:
         # transformers 5 loads every qwen2 checkpoint as Qwen2Tokenizer, which
         # forces NFC; saying so in tokenizer.json keeps both loaders identical.
         tok.normalizer = normalizers.NFC()

@@ -42,6 +42,29 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "mistral-window": ("mistral", {"sliding_window": 24}),
+    # Per family, two configs apart in what their loaders and layers must get right.
+    "qwen3-gqa": ("qwen3", {}),
+    "qwen3-mqa-bias-tied": ("qwen3", {"num_key_value_heads": 1, "attention_bias": True,
+                                      "tie_word_embeddings": True}),
+    "glm-gqa-bias": ("glm", {}),
+    "glm4-mqa-tied": ("glm4", {"num_key_value_heads": 1, "attention_bias": False,
+                               "tie_word_embeddings": True}),
+    "falcon-mqa": ("falcon", {"multi_query": True}),
+    "falcon-newarch-bias-tied": ("falcon", {"new_decoder_architecture": True, "bias": True,
+                                            "tie_word_embeddings": True}),
+    "falcon-mha-sequential": ("falcon", {"multi_query": False, "parallel_attn": False,
+                                         "num_kv_heads": 4}),
+    "mixtral-top2": ("mixtral", {}),
+    "mixtral-top1-mqa-tied": ("mixtral", {"num_local_experts": 3, "num_experts_per_tok": 1,
+                                          "num_key_value_heads": 1, "tie_word_embeddings": True}),
+    # Remote-code layouts (tests/remote_code.py), each compared with the
+    # transformers model of the same network.
+    "internlm2-gqa-bias": ("internlm2", {"attention_bias": True}),
+    "internlm2-mqa-dynamic": ("internlm2", {
+        "num_key_value_heads": 1, "max_position_embeddings": 40,
+        "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    "chatglm-mqa-bias": ("chatglm", {"num_key_value_heads": 1}),
+    "chatglm-gqa-ratio": ("chatglm", {"attention_bias": False, "rope_theta": 50000.0}),
 }
 
 
@@ -52,6 +75,16 @@ class TinyModels:
 
     def get(self, name: str, **kwargs) -> Path:
         """A checkpoint directory for a variant name (or family + overrides)."""
+        return self._get(name, kwargs)[0]
+
+    def reference(self, name: str, **kwargs) -> Path:
+        """The transformers checkpoint computing the same network as `get`'s
+        (itself, except for remote-code layouts)."""
+        return self._get(name, kwargs)[1]
+
+    def _get(self, name: str, kwargs: dict) -> tuple[Path, Path]:
+        from tests.remote_code import CONVERTERS
+
         key = name + json.dumps(kwargs, sort_keys=True)
         if key not in self._built:
             if name in MODEL_VARIANTS:
@@ -60,8 +93,11 @@ class TinyModels:
             else:
                 family = name
             out = self.root / f"m{len(self._built)}-{name}"
-            load_script("build_tiny_model").build_tiny_model(out, family=family, **kwargs)
-            self._built[key] = out
+            base, convert = CONVERTERS.get(family, (family, None))
+            load_script("build_tiny_model").build_tiny_model(out, family=base, **kwargs)
+            self._built[key] = (out, out)
+            if convert is not None:
+                self._built[key] = (convert(out, out.with_name(out.name + "-remote")), out)
         return self._built[key]
 
 

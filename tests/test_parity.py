@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aotllm import LLM, SamplingParams
+from aotllm.models.config import ModelConfig
 from aotllm.models.loader import load_model
 from tests.conftest import MODEL_VARIANTS
 
@@ -36,7 +37,9 @@ def _paged_forward(model, kv, blocks, ids: list[int], start: int) -> torch.Tenso
 @pytest.fixture(scope="module", params=sorted(MODEL_VARIANTS))
 def variant(request, tiny_models):
     path = tiny_models.get(request.param)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # Remote-code layouts compare with the transformers model of the same network.
+    reference = tiny_models.reference(request.param)
+    hf = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
     return request.param, path, hf
 
 
@@ -72,9 +75,11 @@ def llm_for(tiny_models):
 
     def get(name: str) -> LLM:
         if name not in cache:
+            path = tiny_models.get(name)
+            limit = ModelConfig.from_pretrained(path).derived_max_model_len
             cache[name] = LLM(
-                str(tiny_models.get(name)), dtype="float32", enforce_eager=True,
-                block_size=BLOCK, max_num_seqs=8, max_model_len=128,
+                str(path), dtype="float32", enforce_eager=True,
+                block_size=BLOCK, max_num_seqs=8, max_model_len=min(128, limit),
             )
         return cache[name]
 
@@ -96,14 +101,23 @@ def test_greedy_tokens_match_transformers_generate(variant, llm_for):
         with torch.no_grad():
             ref = hf.generate(
                 torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                # No eos: ignore_eos samples eos like any token, where
+                # min_new_tokens would mask it out.
+                max_new_tokens=32, do_sample=False, eos_token_id=None,
             )[0, len(prompt):].tolist()
+        assert len(ref) == 32
         assert out.outputs[0].token_ids == ref, f"{name}: prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"
 
 
-def test_batched_equals_one_at_a_time(llm_for):
-    llm = llm_for("llama-gqa")
+# One config per family (the eager runner batches rows of different lengths).
+BATCHED_VARIANTS = ["llama-gqa", "qwen3-gqa", "glm4-mqa-tied", "falcon-newarch-bias-tied",
+                    "mixtral-top2", "internlm2-gqa-bias", "chatglm-mqa-bias"]
+
+
+@pytest.mark.parametrize("name", BATCHED_VARIANTS)
+def test_batched_equals_one_at_a_time(llm_for, name):
+    llm = llm_for(name)
     vocab = llm.llm_engine.vocab_size
     lengths = [3, 30, 11, 1, 25, 8, 17, 40]
     prompts = [{"prompt_token_ids": p} for p in _prompts(vocab, lengths, seed=2)]

@@ -1,0 +1,166 @@
+"""Where each checkpoint tensor goes in a model: its weight map.
+
+A family's model says, for every checkpoint tensor name, which parameter it
+fills and how (`Shard`): the whole parameter, rows [start, start + size) of a
+fused one (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`), one expert's
+slice of a stacked expert parameter, with the rows reordered on the way
+(grouped `wqkv` layouts, interleaved rotary pairs). The map is built from the
+model's own modules and config, so a fused parameter's shards are known by
+name, never guessed from a tensor's shape.
+
+`load_weights` fills a model through its map; the msModelSlim reader and
+writer (quantize/) read the same map to split fused tensors back apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """The destination of one checkpoint tensor.
+
+    param: the model parameter's name.
+    expert: index into dim 0 of a stacked expert parameter, or None.
+    start, size: the rows (dim 0, after `expert`) it fills; size None = all.
+    rows: dst row i takes the checkpoint tensor's row rows[i] (None: same order).
+    """
+
+    param: str
+    expert: int | None = None
+    start: int = 0
+    size: int | None = None
+    rows: torch.Tensor | None = None
+
+    def target(self, param: torch.Tensor) -> torch.Tensor:
+        dst = param if self.expert is None else param[self.expert]
+        if self.size is not None:
+            dst = dst.narrow(0, self.start, self.size)
+        return dst
+
+    def load(self, param: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy a checkpoint tensor into its place (the shard's weight loader)."""
+        dst = self.target(param)
+        if self.rows is not None and src.dim() > 0:
+            src = src.index_select(0, self.rows)
+        if tuple(src.shape) != tuple(dst.shape):
+            raise _ShapeError(tuple(src.shape), tuple(dst.shape))
+        with torch.no_grad():
+            dst.copy_(src)
+
+    def unload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of `load` on a tensor laid out like the parameter (e.g. an
+        int8 weight or a per-row scale): the checkpoint's tensor."""
+        part = self.target(tensor)
+        if self.rows is not None and part.dim() > 0:
+            out = torch.empty_like(part)
+            out[self.rows] = part
+            part = out
+        return part
+
+
+class _ShapeError(ValueError):
+    def __init__(self, got: tuple[int, ...], want: tuple[int, ...]):
+        super().__init__(got, want)
+        self.got, self.want = got, want
+
+
+WeightMap = dict[str, Shard]  # checkpoint tensor name -> its destination
+
+
+def grouped_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows of a grouped fused qkv tensor (per KV group: its q heads, then k,
+    then v; InternLM2's `wqkv`, Falcon's `query_key_value`) in [q; k; v] order."""
+    g = num_heads // num_kv_heads
+    per_group = (g + 2) * head_dim
+    heads = torch.arange(head_dim, device="cpu")
+    q = [grp * per_group + j * head_dim + heads for grp in range(num_kv_heads) for j in range(g)]
+    k = [grp * per_group + g * head_dim + heads for grp in range(num_kv_heads)]
+    v = [grp * per_group + (g + 1) * head_dim + heads for grp in range(num_kv_heads)]
+    return torch.cat(q + k + v)
+
+
+def rotary_rows(num_heads: int, head_dim: int, rotary_dim: int, interleaved: bool) -> torch.Tensor:
+    """Rows of a q or k projection in the rotate-half order the ops layer's
+    `rotary` uses (pair i at dims (i, i + head_dim / 2)), from a checkpoint
+    whose rotary pairs are interleaved ((2i, 2i+1), GLM) and/or cover only the
+    first `rotary_dim` dims of each head (partial rotary).
+
+    Attention only sees q.k, which one per-head permutation applied to both q
+    and k leaves unchanged; the pass-through dims take the remaining pairs and
+    get frequency 0 (cos 1, sin 0), see `CausalLM.rotary_cos_sin`."""
+    assert rotary_dim % 2 == 0 and head_dim % 2 == 0 and rotary_dim <= head_dim
+    half, r = head_dim // 2, rotary_dim // 2
+    if interleaved:
+        pairs = [(2 * i, 2 * i + 1) for i in range(r)]
+    else:
+        pairs = [(i, i + r) for i in range(r)]
+    pairs += [(rotary_dim + 2 * i, rotary_dim + 2 * i + 1) for i in range(half - r)]
+    order = torch.empty(head_dim, dtype=torch.long, device="cpu")
+    for i, (a, b) in enumerate(pairs):
+        order[i], order[i + half] = a, b
+    return torch.cat([h * head_dim + order for h in range(num_heads)])
+
+
+def load_weights(model: torch.nn.Module, weight_map: WeightMap, source_desc: str,
+                 architecture: str, tensors: Iterable[tuple[str, torch.Tensor]],
+                 skip: frozenset[str] = frozenset()) -> None:
+    """Fill every parameter the map names from `tensors`; a checkpoint tensor
+    the map does not know, or a map entry no tensor filled, is an error naming
+    it. `skip`: checkpoint names to ignore (a tied lm_head's copy)."""
+    written: set[str] = set()
+    for name, src in tensors:
+        if name in skip:
+            continue
+        shard = weight_map.get(name)
+        if shard is None:
+            raise ValueError(
+                f"checkpoint tensor {name!r} ({source_desc}) does not belong to a "
+                f"{architecture}; are its config and weights from the same checkpoint?"
+            )
+        try:
+            shard.load(model.get_parameter(shard.param), src)
+        except _ShapeError as e:
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {e.got} but the model built from "
+                f"the checkpoint's config expects {e.want}"
+            ) from None
+        written.add(name)
+    missing = sorted(n for n in weight_map if n not in written and n not in skip)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(
+            f"{source_desc} is missing {len(missing)} weight tensor(s): "
+            f"{shown}. Copy the complete checkpoint (all shards)."
+        )
+
+
+def checkpoint_shards(weight_map: WeightMap, param: str) -> list[tuple[str, Shard]]:
+    """The checkpoint tensors behind one parameter, in row order."""
+    found = [(n, s) for n, s in weight_map.items() if s.param == param]
+    return sorted(found, key=lambda item: (item[1].expert or 0, item[1].start))
+
+
+def merge(weight_map: WeightMap, prefix: str, pieces: tuple[str, ...], into: str,
+          rows: torch.Tensor | None = None) -> None:
+    """Where a checkpoint stores a fused parameter as one tensor (`into`) rather
+    than its shards (`pieces`, e.g. q_proj/k_proj/v_proj): one entry for the
+    whole parameter, its rows reordered by `rows` (see `Shard.rows`)."""
+    for attr in ("weight", "bias"):
+        names = [f"{prefix}.{p}.{attr}" for p in pieces]
+        if names[0] not in weight_map:
+            continue
+        param = weight_map[names[0]].param
+        for name in names:
+            assert weight_map.pop(name).param == param, f"{name} is not a shard of {param}"
+        weight_map[f"{prefix}.{into}.{attr}"] = Shard(param, rows=rows)
+
+
+def reorder(weight_map: WeightMap, name: str, rows: torch.Tensor) -> None:
+    """Reorder the rows one checkpoint tensor fills (1-D biases as well)."""
+    if name in weight_map:
+        weight_map[name] = replace(weight_map[name], rows=rows)
