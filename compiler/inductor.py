@@ -68,8 +68,12 @@ class InductorBackend:
             return [(b, (b,)) for b in buckets]
         out = []
         scheme = (quant or {}).get("scheme")
-        thresholds = row_thresholds(model.dtype, scheme, self.device) if model is not None else (
-            ("<=", INT8PACK_MAX_ROWS), (">=", FP32_MIN_ROWS))
+        if model is None:
+            thresholds = (("<=", INT8PACK_MAX_ROWS), (">=", FP32_MIN_ROWS))
+        else:
+            # Kernel thresholds, and any a module declares (the MoE path switch).
+            thresholds = row_thresholds(model.dtype, scheme, self.device) + tuple(dict.fromkeys(
+                t for m in model.modules() for t in getattr(m, "row_thresholds", ())))
         for group in group_buckets(buckets, thresholds):
             self.groups[group.graph_bucket] = group
             out.append((group.graph_bucket, group.buckets))

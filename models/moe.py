@@ -62,6 +62,9 @@ class SparseMoE(nn.Module):
         self.experts = Experts(config.num_experts, config.hidden_size,
                                config.intermediate_size, dtype)
         self.act = ACT2FN[config.hidden_act]
+        # The row count at which forward changes path, for graphs whose row
+        # count is dynamic (compiler/shape_groups.py keeps each on one side).
+        self.row_thresholds = (("<=", self.num_experts // self.top_k),)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, H] -> (weights [N, k], expert ids [N, k]): softmax, top-k, renormalised."""
@@ -74,7 +77,7 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids = self.route(x)
-        if x.shape[0] * self.top_k <= self.num_experts:
+        if x.shape[0] <= self.num_experts // self.top_k:
             out = self._gathered(x, weights, ids)
         else:
             out = self._all_experts(x, weights, ids)

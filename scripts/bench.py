@@ -166,7 +166,8 @@ def bench_transformers(path: Path, dtype: torch.dtype, prompts, new_tokens: int)
     return Result("transformers", len(prompts), ttft, decode_tokens / (total - ttft), total)
 
 
-def compile_for_bench(path: Path, out: Path, max_len: int, max_batch: int, prompt_len: int):
+def compile_for_bench(path: Path, out: Path, max_len: int, max_batch: int, prompt_len: int,
+                      dynamic_shapes: bool = False):
     """The artifact the compiled mode serves; per-bucket compile seconds come back."""
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
@@ -174,7 +175,7 @@ def compile_for_bench(path: Path, out: Path, max_len: int, max_batch: int, promp
     cfg = CompileConfig(
         model=str(path), output=str(out), dtype="auto", max_model_len=max_len,
         max_num_seqs=max_batch, prefill_buckets=(16, 64, prompt_len),
-        context_buckets=(max_len,),
+        context_buckets=(max_len,), dynamic_shapes=dynamic_shapes,
     )
     t = time.perf_counter()
     manifest = compile_artifact(cfg)
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--dynamic-shapes", action="store_true",
+                    help="compile with --dynamic-shapes (one graph per shape group)")
     ap.add_argument("--peers", default="", metavar="TYPES",
                     help="also run llama.cpp (llama-cpp-python) on GGUF conversions of the same "
                          "checkpoint, e.g. bf16,f32,q8_0, and print the target ratios")
@@ -301,14 +304,17 @@ def main(argv: list[str] | None = None) -> None:
         from aotllm import LLM
 
         if mode == "compiled":
-            artifact = args.cache_dir / f"artifact-{path.name}-{max_len}-{max(batches)}"
+            artifact = args.cache_dir / (f"artifact-{path.name}-{max_len}-{max(batches)}"
+                                         + ("-dynamic" if args.dynamic_shapes else ""))
             manifest, seconds = compile_for_bench(path, artifact, max_len, max(batches),
-                                                  args.prompt_len)
-            extra["compile_s"] = {e.bucket.name: round(e.compile_seconds, 1) for e in manifest.graphs}
+                                                  args.prompt_len, args.dynamic_shapes)
+            # Per graph file: with --dynamic-shapes one file serves several buckets.
+            extra["compile_s"] = {Path(e.file).stem: round(e.compile_seconds, 1)
+                                  for e in manifest.graphs}
             extra["compile_total_s"] = seconds
             extra["artifact_mib"] = sum(
                 p.stat().st_size for p in artifact.rglob("*") if p.is_file()) / (1 << 20)
-            extra["graph_file_mib"] = {e.bucket.name: (artifact / e.file).stat().st_size / (1 << 20)
+            extra["graph_file_mib"] = {Path(e.file).stem: (artifact / e.file).stat().st_size / (1 << 20)
                                        for e in manifest.graphs}
             extra["cold_start_python_torch_s"], extra["cold_start_to_first_token_s"] = \
                 cold_start(artifact)
