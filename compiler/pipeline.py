@@ -215,6 +215,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         weights_file=weights_file,
         weights_sha256=sha256_file(out / weights_file),
         extra={"weight_aliases": aliases, "max_model_len": max_model_len,
+               "vocab_size": config.vocab_size,
                "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"],
                **({"cpu": cpu} if cpu is not None else {})},
     )

@@ -51,7 +51,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
 
 def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_budget,
-                   weights_bytes, hf_config, tokenizer_dir, kv_dtype, tokenizer,
+                   weights_bytes, hf_config, vocab_size, tokenizer_dir, kv_dtype, tokenizer,
                    generation_config=None) -> LLMEngine:
     """The parts shared by the eager and the compiled engine."""
     device = executor.device
@@ -73,12 +73,16 @@ def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_b
     runner = ModelRunner(executor, kv_spec, num_blocks, Sampler(eos), kv_dtype, args.seed)
     scheduler = Scheduler(sched_config, kv_spec.block_size, num_blocks,
                           enable_prefix_caching=args.enable_prefix_caching)
-    # Parsed by the model's family: remote-code configs spell it their own way.
-    from aotllm.models.config import ModelConfig
-
-    vocab_size = ModelConfig.from_hf_dict(hf_config).vocab_size
     return LLMEngine(runner, scheduler, tokenizer, eos, max_model_len, vocab_size,
                      default_sampling_overrides(model_generation_config))
+
+
+def _vocab_size(manifest: Manifest) -> int:
+    """The logits' width. Recorded by the compiler as the model's family read it
+    (remote-code configs spell it their own way, e.g. ChatGLM's
+    padded_vocab_size); older artifacts are Llama-shaped configs."""
+    recorded = manifest.extra.get("vocab_size")
+    return int(recorded if recorded is not None else manifest.model_config["vocab_size"])
 
 
 def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
@@ -147,6 +151,7 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
         args = dataclasses.replace(args, num_gpu_blocks_override=fixed)
     return _finish_engine(args, CompiledExecutor(artifact, device), spec, max_model_len,
                           max_num_seqs, budget, artifact.weights_bytes, manifest.model_config,
+                          _vocab_size(manifest),
                           args.model, dtype, tokenizer)
 
 
@@ -183,4 +188,5 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
     return _finish_engine(args, EagerExecutor(model, device), kv_spec,
                           config.resolve_max_model_len(args.max_model_len), args.max_num_seqs,
                           args.max_num_batched_tokens, weights_bytes, config.hf_config,
+                          config.vocab_size,
                           args.model, model.dtype, tokenizer, source.generation_config())
