@@ -32,6 +32,7 @@ from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
 from aotllm.graphs.buckets import Bucket, plan_buckets
 from aotllm.graphs.devices import supported_device_type
+from aotllm.graphs.file_digest import SampleTable, sample_file, safetensors_header_bytes
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import (
     GRAPHS_DIR,
@@ -92,6 +93,17 @@ def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
         if path.is_file() and sha256_file(path) == entry.sha256:
             keep[entry.key] = entry
     return keep
+
+
+def _file_samples(out: Path, weights_file: str, entries: list[GraphEntry]) -> SampleTable:
+    """Size and sampled digest of every file, for the cheap check at each load;
+    the weights file's safetensors header is hashed whole (it says where every
+    tensor lies)."""
+    files = {weights_file: sample_file(out / weights_file,
+                                       safetensors_header_bytes(out / weights_file))}
+    for rel in dict.fromkeys(e.file for e in entries):
+        files[rel] = sample_file(out / rel)
+    return SampleTable(files)
 
 
 def compile_artifact(cfg: CompileConfig) -> Manifest:
@@ -206,6 +218,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         graphs=tuple(entries),
         weights_file=weights_file,
         weights_sha256=sha256_file(out / weights_file),
+        file_samples=_file_samples(out, weights_file, entries),
         extra={"weight_aliases": aliases, "max_model_len": max_model_len,
                "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"]},
     )

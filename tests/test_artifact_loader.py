@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from aotllm import LLM
-from aotllm.graphs.manifest import MANIFEST_FILE, ArtifactError, Manifest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aotllm import LLM, SamplingParams
+from aotllm.graphs.file_digest import sample_ranges
+from aotllm.graphs.manifest import (
+    MANIFEST_FILE,
+    WEIGHTS_ALIGNMENT,
+    WEIGHTS_PAD_PREFIX,
+    ArtifactError,
+    Manifest,
+    sha256_file,
+)
 from aotllm.runtime.artifact import load_artifact
 
 pytestmark = pytest.mark.slow
@@ -54,16 +66,82 @@ def test_newer_format_version_asks_to_upgrade(artifact):
     assert "format version" in msg and "upgrade aotllm" in msg
 
 
+def _flip_sampled_byte(artifact: Path, name: str) -> None:
+    """Flips a byte in the middle of a chunk the load-time check samples."""
+    path = artifact / name
+    sample = Manifest.read(artifact).file_samples.files[name]
+    ranges = [r for r in sample_ranges(sample.size, sample.head_bytes) if r[1] > r[0]]
+    start, end = ranges[len(ranges) // 2]
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_corrupted_graph_file_is_named(artifact):
     entry = Manifest.read(artifact).graphs[0]
-    path = artifact / entry.file
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
-    path.write_bytes(bytes(data))
+    _flip_sampled_byte(artifact, entry.file)
     msg = _refusal(artifact)
     assert "corrupted" in msg and Path(entry.file).name in msg
-    assert "aotllm compile" in msg
+    assert "aotllm compile" in msg and "aotllm verify" in msg
+
+
+def test_corrupted_weights_are_refused_by_the_cheap_check(artifact):
+    _flip_sampled_byte(artifact, "weights.safetensors")
+    msg = _refusal(artifact)
+    assert "weights.safetensors is corrupted" in msg and "aotllm verify" in msg
+
+
+def test_truncated_weights_are_refused(artifact):
+    path = artifact / "weights.safetensors"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+    msg = _refusal(artifact)
+    assert "weights.safetensors is" in msg and "truncated" in msg and "aotllm verify" in msg
+
+
+def test_weights_are_mapped_not_copied(artifact):
+    """Every weight is a view into the mapped weights file, aligned for oneDNN."""
+    loaded = load_artifact(artifact, CPU)
+    weights_path = str((artifact / "weights.safetensors").resolve())
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == weights_path:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((start, end))
+    assert mapped, "the weights file is not memory-mapped"
+    for name, t in loaded.weights.items():
+        assert any(s <= t.data_ptr() < e for s, e in mapped), f"{name} was copied"
+        assert t.data_ptr() % WEIGHTS_ALIGNMENT == 0, name
+    assert not any(n.startswith(WEIGHTS_PAD_PREFIX) for n in loaded.weights)
+
+
+def test_artifact_from_before_sampled_digests_loads_with_the_same_tokens(
+        artifact, caplog, restore_aotllm_logging):
+    """An older artifact (safetensors' own packing, no file_samples in the
+    manifest) still loads: full hash, misaligned weights copied; it must give
+    the tokens the mapped artifact gives."""
+    prompt = ["The quick brown fox"]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    mapped = LLM(str(artifact)).generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+
+    path = artifact / "weights.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {n: f.get_tensor(n).clone() for n in f.keys()
+                   if not n.startswith(WEIGHTS_PAD_PREFIX)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def to_old(d: dict) -> None:
+        del d["file_samples"]
+        d["weights_sha256"] = sha256_file(path)
+    _edit_manifest(artifact, to_old)
+    # LLM() stops the "aotllm" logger's propagation: listen on it directly.
+    logging.getLogger("aotllm").addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="aotllm"):
+        old = LLM(str(artifact)).generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert "hashing every file in full" in caplog.text
+    assert "aligned and were copied" in caplog.text
+    assert old == mapped and len(mapped) == 8
 
 
 def test_missing_graph_file_is_named(artifact):
