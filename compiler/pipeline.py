@@ -30,12 +30,14 @@ from tqdm import tqdm
 import aotllm
 from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
+from aotllm.compiler.tokenizer_snapshot import write_runtime_tokenizer
 from aotllm.graphs.buckets import Bucket, plan_buckets
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.file_digest import SampleTable, sample_file, safetensors_header_bytes
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import (
     GRAPHS_DIR,
+    RUNTIME_TOKENIZER_FILE,
     ArtifactError,
     GraphEntry,
     Manifest,
@@ -160,6 +162,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     # As HF tokenizer files (a GGUF's are rebuilt from its metadata), so the
     # runtime loads every artifact's tokenizer the same way.
     source.save_tokenizer(out)
+    runtime_tokenizer = write_runtime_tokenizer(out)
+    if runtime_tokenizer is None:  # a stale one from an earlier compile must not be used
+        (out / RUNTIME_TOKENIZER_FILE).unlink(missing_ok=True)
 
     # Which graph serves which buckets: one each, unless the backend shares
     # a graph between buckets (GE with dimension gears); a shared graph is
@@ -220,7 +225,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         weights_sha256=sha256_file(out / weights_file),
         file_samples=_file_samples(out, weights_file, entries),
         extra={"weight_aliases": aliases, "max_model_len": max_model_len,
-               "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"]},
+               "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"],
+               **({"runtime_tokenizer": runtime_tokenizer} if runtime_tokenizer else {})},
     )
     manifest.write(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -46,6 +46,10 @@ GRAPHS_DIR = "graphs"
 WEIGHTS_ALIGNMENT = 64
 WEIGHTS_PAD_PREFIX = "__aotllm_pad_"
 
+# The tokenizer as the `tokenizers` library alone runs it (compiler/
+# tokenizer_snapshot.py), named by extra["runtime_tokenizer"]["file"].
+RUNTIME_TOKENIZER_FILE = "runtime_tokenizer.json"
+
 _RECOMPILE = "recompile the model with `aotllm compile`"
 _VERIFY = "`aotllm verify {}` hashes every file in full and names the damaged ones"
 

@@ -53,6 +53,7 @@ timed(art, "check_files", "file check (cheap)")
 timed(gl.InductorLoader, "read_weights", "weights")
 timed(gl.InductorLoader, "load_graph", "graph packages")
 timed(ld, "load_tokenizer", "tokenizer (thread)")
+import sys as _s
 timed(art, "load_artifact", "load_artifact")
 llm = LLM(sys.argv[1], max_num_seqs=1, seed=0)
 t_engine = time.perf_counter()
@@ -67,6 +68,7 @@ print(json.dumps({
     "total": t_first - t0,
     "token": out[0].outputs[0].token_ids,
     "load_phases": phases,
+    "transformers imported": "transformers" in sys.modules,
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -220,3 +222,51 @@ def test_block_size_other_than_the_artifacts_is_a_value_error(shared):
 def test_max_model_len_above_the_artifacts_is_a_value_error(shared):
     with pytest.raises(ValueError, match="exceeds the artifact's 128.*--max-model-len 256"):
         LLM(str(shared), max_model_len=256)
+
+
+_TEXTS = ["The quick brown fox", "  spaces , and punctuation ! isn't it ?", "Ünïcödé 東京 🙂\n\tx",
+          ""]
+
+
+def test_runtime_tokenizer_matches_transformers(shared):
+    from aotllm.runtime.tokenizer import ArtifactTokenizer, load_tokenizer
+
+    tok = load_tokenizer(shared)
+    assert isinstance(tok, ArtifactTokenizer)
+    hf = tok.hf
+    assert type(hf).__module__.startswith("transformers")
+    specials = [str(t) for t in hf.all_special_tokens]
+    for text in [*_TEXTS, *(f"x{t}y {t}" for t in specials)]:
+        for add in (True, False):
+            ids = hf.encode(text, add_special_tokens=add)
+            assert tok.encode(text, add_special_tokens=add) == ids, text
+            for skip in (True, False):
+                assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+                    ids, skip_special_tokens=skip), text
+    assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    # What it lacks comes from transformers' tokenizer.
+    assert tok.chat_template == hf.chat_template
+
+
+def test_first_token_without_importing_transformers(artifact):
+    """The runtime tokenizer keeps transformers out of a cold start; without
+    it (older artifacts) transformers' tokenizer gives the same tokens and text."""
+    code = (
+        "import sys, json\n"
+        "from aotllm import LLM, SamplingParams\n"
+        "llm = LLM(sys.argv[1])\n"
+        "out = llm.generate(['The quick brown fox'], SamplingParams(max_tokens=8, "
+        "temperature=0.0), use_tqdm=False)[0].outputs[0]\n"
+        "print(json.dumps([out.token_ids, out.text, 'transformers' in sys.modules]))\n"
+    )
+
+    def run() -> list:
+        proc = subprocess.run([sys.executable, "-c", code, str(artifact)], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    ids, text, imported = run()
+    assert not imported and len(ids) == 8
+    _edit_manifest(artifact, lambda d: d["extra"].pop("runtime_tokenizer"))
+    assert run() == [ids, text, True]
