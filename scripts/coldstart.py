@@ -6,10 +6,13 @@ page cache stays warm, which is how a restarted server finds it):
     python -m aotllm.scripts.coldstart ARTIFACT [--runs 5]
 
 Each run is a child process that times its phases with perf_counter from the
-top of the interpreter: `import aotllm` + `LLM` (torch, the runtime), building
-the engine (manifest, file checks, weights, graph packages, tokenizer — the
-loader logs their split), and the first token of a short prompt. It also
-reports the child's peak RSS, and the median over runs.
+top of the interpreter: `import torch`, the runtime's own imports, building
+the engine, and the first token of a short greedy prompt. Inside the build it
+times (by wrapping them) the manifest read, the file check, the weights, the
+graph packages and the tokenizer (loaded in a thread, so it overlaps the
+rest). It also reports whether transformers got imported, the child's peak
+RSS, and per phase the median over runs. Pass PYTHONPATH to compare another
+checkout of aotllm (the wrapped functions that do not exist there are skipped).
 """
 
 from __future__ import annotations
@@ -53,7 +56,6 @@ timed(art, "check_files", "file check (cheap)")
 timed(gl.InductorLoader, "read_weights", "weights")
 timed(gl.InductorLoader, "load_graph", "graph packages")
 timed(ld, "load_tokenizer", "tokenizer (thread)")
-import sys as _s
 timed(art, "load_artifact", "load_artifact")
 llm = LLM(sys.argv[1], max_num_seqs=1, seed=0)
 t_engine = time.perf_counter()
