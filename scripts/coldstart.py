@@ -3,7 +3,7 @@
 Run in a fresh process per measurement (the point is a cold interpreter; the
 page cache stays warm, which is how a restarted server finds it):
 
-    python -m aotllm.scripts.coldstart ARTIFACT [--runs 5]
+    PYTHONPATH=.. python scripts/coldstart.py ARTIFACT [--runs 5]
 
 Each run is a child process that times its phases with perf_counter from the
 top of the interpreter: `import torch`, the runtime's own imports, building
