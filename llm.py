@@ -45,7 +45,10 @@ class LLM:
         self._counter = itertools.count()
 
     def get_tokenizer(self):
-        return self.llm_engine.tokenizer
+        """transformers' tokenizer, as vLLM returns (the engine may run a lighter
+        one with the same encode/decode, runtime/tokenizer.py)."""
+        tokenizer = self.llm_engine.tokenizer
+        return getattr(tokenizer, "hf", tokenizer)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's recommended defaults (its

@@ -31,11 +31,14 @@ import aotllm
 from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.cpu_target import cpu_record
+from aotllm.compiler.tokenizer_snapshot import write_runtime_tokenizer
 from aotllm.graphs.buckets import Bucket, plan_buckets
 from aotllm.graphs.devices import supported_device_type
+from aotllm.graphs.file_digest import SampleTable, sample_file, safetensors_header_bytes
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import (
     GRAPHS_DIR,
+    RUNTIME_TOKENIZER_FILE,
     ArtifactError,
     GraphEntry,
     Manifest,
@@ -93,6 +96,17 @@ def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
         if path.is_file() and sha256_file(path) == entry.sha256:
             keep[entry.key] = entry
     return keep
+
+
+def _file_samples(out: Path, weights_file: str, entries: list[GraphEntry]) -> SampleTable:
+    """Size and sampled digest of every file, for the cheap check at each load;
+    the weights file's safetensors header is hashed whole (it says where every
+    tensor lies)."""
+    files = {weights_file: sample_file(out / weights_file,
+                                       safetensors_header_bytes(out / weights_file))}
+    for rel in dict.fromkeys(e.file for e in entries):
+        files[rel] = sample_file(out / rel)
+    return SampleTable(files)
 
 
 def compile_artifact(cfg: CompileConfig) -> Manifest:
@@ -155,6 +169,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     # As HF tokenizer files (a GGUF's are rebuilt from its metadata), so the
     # runtime loads every artifact's tokenizer the same way.
     source.save_tokenizer(out)
+    runtime_tokenizer = write_runtime_tokenizer(out)
+    if runtime_tokenizer is None:  # a stale one from an earlier compile must not be used
+        (out / RUNTIME_TOKENIZER_FILE).unlink(missing_ok=True)
 
     # Which graph serves which buckets: one each, unless the backend shares
     # a graph between buckets (GE with dimension gears); a shared graph is
@@ -214,10 +231,12 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         graphs=tuple(entries),
         weights_file=weights_file,
         weights_sha256=sha256_file(out / weights_file),
+        file_samples=_file_samples(out, weights_file, entries),
         extra={"weight_aliases": aliases, "max_model_len": max_model_len,
                "vocab_size": config.vocab_size,
                "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"],
-               **({"cpu": cpu} if cpu is not None else {})},
+               **({"cpu": cpu} if cpu is not None else {}),
+               **({"runtime_tokenizer": runtime_tokenizer} if runtime_tokenizer else {})},
     )
     manifest.write(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

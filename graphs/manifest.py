@@ -12,14 +12,16 @@ Paths in the manifest are relative to the artifact directory, with ``/``
 separators, so an artifact can be moved or copied whole.
 
 Loading refuses an artifact that does not fit this host (`check_runtime_compat`)
-or whose files are missing or damaged (`verify_files`), with an `ArtifactError`
-that says what to do. Stdlib only.
+or whose files are missing or visibly damaged (`check_files`: sizes and sampled
+digests, graphs/file_digest.py), with an `ArtifactError` that says what to do.
+`verify_files` hashes every file in full (`aotllm verify`). Stdlib only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -30,13 +32,28 @@ from pathlib import Path, PurePosixPath
 
 from aotllm.graphs.buckets import Bucket, BucketPlan
 from aotllm.graphs.devices import device_type
+from aotllm.graphs.file_digest import SampleTable, sampled_sha256
 from aotllm.graphs.kv_cache import KVCacheSpec
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 GRAPHS_DIR = "graphs"
 
+# Every tensor in the weights file starts at a multiple of this many bytes
+# from the file's start, so the views of a (page-aligned) memory map are as
+# aligned as oneDNN wants its matmul operands; the gaps are filler tensors
+# named WEIGHTS_PAD_PREFIX + n (safetensors allows no holes), which loading skips.
+WEIGHTS_ALIGNMENT = 64
+WEIGHTS_PAD_PREFIX = "__aotllm_pad_"
+
+# The tokenizer as the `tokenizers` library alone runs it (compiler/
+# tokenizer_snapshot.py), named by extra["runtime_tokenizer"]["file"].
+RUNTIME_TOKENIZER_FILE = "runtime_tokenizer.json"
+
 _RECOMPILE = "recompile the model with `aotllm compile`"
+_VERIFY = "`aotllm verify {}` hashes every file in full and names the damaged ones"
+
+logger = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -146,12 +163,20 @@ class Manifest:
     backend_traits: BackendTraits = BackendTraits()
     created_at: str = field(default_factory=_utc_now)
     extra: dict = field(default_factory=dict)
+    # Size and sampled digest of every file, for the cheap check on each load
+    # (graphs/file_digest.py). None in manifests written before it existed:
+    # those are checked by their full sha256 instead.
+    file_samples: SampleTable | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "graphs", tuple(self.graphs))
         _check_relative(self.weights_file, "weights_file")
         _check_sha256(self.weights_sha256, f"sha256 of {self.weights_file}")
+        if self.file_samples is not None:
+            unsampled = [name for name, _ in self.files() if name not in self.file_samples.files]
+            if unsampled:
+                raise ValueError(f"file_samples lacks {', '.join(unsampled)}")
         # Fail at construction (and so at read time), not halfway through loading.
         self.bucket_plan()
         self.kv_cache_spec()
@@ -161,6 +186,12 @@ class Manifest:
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec.from_dict(self.kv_cache)
+
+    def files(self) -> list[tuple[str, str]]:
+        """(relative path, sha256) of the weights file and every graph file, once each."""
+        # Buckets may share one graph file (GE dimension gears).
+        return list(dict.fromkeys([(self.weights_file, self.weights_sha256),
+                                   *((g.file, g.sha256) for g in self.graphs)]))
 
     def graph_for(self, bucket: Bucket) -> GraphEntry:
         for entry in self.graphs:
@@ -185,6 +216,7 @@ class Manifest:
             "weights_sha256": self.weights_sha256,
             "kv_cache": self.kv_cache,
             "plan": self.plan,
+            "file_samples": None if self.file_samples is None else self.file_samples.to_dict(),
             "graphs": [g.to_dict() for g in self.graphs],
             "model_config": self.model_config,
             "extra": self.extra,
@@ -217,6 +249,8 @@ class Manifest:
             weights_sha256=str(d["weights_sha256"]),
             created_at=str(d["created_at"]),
             extra=dict(d.get("extra", {})),
+            file_samples=None if d.get("file_samples") is None
+            else SampleTable.from_dict(d["file_samples"]),
             format_version=version,
         )
 
@@ -287,11 +321,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def verify_files(
-    manifest: Manifest, artifact_dir: str | os.PathLike[str], check_hashes: bool = True
-) -> None:
-    """Check that every bucket has a graph and every file exists (and matches its hash)."""
-    directory = Path(artifact_dir)
+def _check_complete(manifest: Manifest, directory: Path) -> None:
+    """Every planned bucket has a graph and every file exists."""
     planned = set(manifest.bucket_plan().buckets)
     missing_graphs = sorted(b.name for b in planned - {g.bucket for g in manifest.graphs})
     if missing_graphs:
@@ -299,26 +330,67 @@ def verify_files(
             f"the manifest in {directory} has no graph for buckets {missing_graphs}; "
             f"the compile did not finish. {_RECOMPILE}"
         )
-
-    files = [(manifest.weights_file, manifest.weights_sha256)]
-    # Buckets may share one graph file (GE dimension gears): check it once.
-    files += list(dict.fromkeys((g.file, g.sha256) for g in manifest.graphs))
-    # Report every missing file before hashing anything: hashing weights is slow.
-    missing = [name for name, _ in files if not (directory / name).is_file()]
+    missing = [name for name, _ in manifest.files() if not (directory / name).is_file()]
     if missing:
         raise ArtifactError(
             f"the artifact in {directory} is incomplete, missing: {', '.join(missing)}. "
             f"Copy the whole artifact directory again or {_RECOMPILE}"
         )
+
+
+def check_files(manifest: Manifest, artifact_dir: str | os.PathLike[str]) -> None:
+    """The check on every load: each file exists, has its recorded size and its
+    sampled digest (a few MiB read per file, not every byte).
+
+    A manifest without sampled digests (older aotllm), or with a sampling rule
+    this aotllm does not know, is checked by the full sha256 instead.
+    """
+    directory = Path(artifact_dir)
+    _check_complete(manifest, directory)
+    table = manifest.file_samples
+    if table is None or not table.known_scheme:
+        why = ("has no sampled digests" if table is None
+               else f"uses the sampling rule {table.scheme!r}, unknown to this aotllm")
+        logger.warning("The manifest in %s %s: hashing every file in full, which slows "
+                       "every load; %s to load without it", directory, why, _RECOMPILE)
+        verify_files(manifest, directory)
+        return
+    for name, _ in manifest.files():
+        sample = table.files[name]
+        path = directory / name
+        size = path.stat().st_size
+        if size != sample.size:
+            raise ArtifactError(
+                f"{path} is {size} bytes but the manifest expects {sample.size}: it was "
+                f"truncated or replaced. Copy the artifact again or {_RECOMPILE}; "
+                + _VERIFY.format(directory)
+            )
+        actual = sampled_sha256(path, size, sample.head_bytes, table.chunk_bytes, table.chunks)
+        if actual != sample.sha256:
+            raise ArtifactError(
+                f"{path} is corrupted: its sampled digest (size, header and "
+                f"{table.chunks} chunks) does not match the manifest. Copy the artifact "
+                f"again or {_RECOMPILE}; " + _VERIFY.format(directory)
+            )
+
+
+def verify_files(
+    manifest: Manifest, artifact_dir: str | os.PathLike[str], check_hashes: bool = True
+) -> None:
+    """Check that every bucket has a graph and every file exists and (with
+    `check_hashes`) matches its full sha256; the error names every damaged file."""
+    directory = Path(artifact_dir)
+    _check_complete(manifest, directory)
     if not check_hashes:
         return
-    for name, expected in files:
+    damaged = []
+    for name, expected in manifest.files():
         actual = sha256_file(directory / name)
         if actual != expected:
-            raise ArtifactError(
-                f"{directory / name} is corrupted: its sha256 is {actual}, the manifest "
-                f"expects {expected}. Copy the artifact again or {_RECOMPILE}"
-            )
+            damaged.append(f"{directory / name} is corrupted: its sha256 is {actual}, the "
+                           f"manifest expects {expected}")
+    if damaged:
+        raise ArtifactError(f"{'; '.join(damaged)}. Copy the artifact again or {_RECOMPILE}")
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from aotllm.graphs.buckets import Bucket, BucketPlan, group_rows
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.graphs.manifest import Manifest, check_runtime_compat, verify_files
+from aotllm.graphs.manifest import Manifest, check_files, check_runtime_compat
 from aotllm.quantize.config import SCHEMES
 from aotllm.runtime.graph_loaders import LOADERS, GraphFn, get_loader
 from aotllm.runtime.model_runner import StepShape
@@ -48,7 +48,9 @@ def load_artifact(path: str | Path, device: torch.device) -> LoadedArtifact:
     )
     loader = get_loader(manifest.backend)
     loader.check_available(device)
-    verify_files(manifest, path, check_hashes=True)
+    # Sizes and sampled digests, not a full hash of every byte on every
+    # start: that is `aotllm verify`'s job (graphs/file_digest.py says why).
+    check_files(manifest, path)
     weights = loader.read_weights(path, manifest, device)
     constants = dict(weights)
     for alias, canonical in manifest.extra.get("weight_aliases", {}).items():

@@ -10,6 +10,7 @@ nothing here imports the compiler or torch._dynamo.
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -17,7 +18,14 @@ import torch
 from safetensors import safe_open
 
 from aotllm.graphs.buckets import Bucket
-from aotllm.graphs.manifest import ArtifactError, Manifest
+from aotllm.graphs.manifest import (
+    WEIGHTS_ALIGNMENT,
+    WEIGHTS_PAD_PREFIX,
+    ArtifactError,
+    Manifest,
+)
+
+logger = logging.getLogger(__name__)
 
 # inputs: input_ids, positions, slot_mapping, block_tables, context_lens,
 # query_lens, *kv_caches (tensors the runtime owns). Returns a list whose [0]
@@ -44,22 +52,38 @@ class GraphLoader(Protocol):
 
 
 def read_safetensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Each weight in a fresh allocation of its own.
+    """The weights by name, one copy in the process.
 
-    safetensors hands out views into the memory-mapped file at offsets that
-    are not even 64-byte aligned; oneDNN's bf16 matmuls read such weights ~15%
-    slower. Copying tensor by tensor keeps the process at one copy.
+    On the CPU each tensor is a view of safetensors' memory map of the file
+    (copy-on-write, so nothing the process does can change the file): loading
+    costs page faults, not a read and a copy of every byte, and processes
+    serving the same artifact share its pages. A weight that does not start
+    at a multiple of WEIGHTS_ALIGNMENT bytes (a file written before aotllm
+    aligned them) is copied into an allocation of its own instead: oneDNN's
+    bf16 matmuls read misaligned weights ~15% slower. Elsewhere each tensor
+    is copied to the device.
     """
     weights = {}
+    copied = 0
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
+                if name.startswith(WEIGHTS_PAD_PREFIX):
+                    continue
                 src = f.get_tensor(name)
+                if device.type == "cpu" and src.data_ptr() % WEIGHTS_ALIGNMENT == 0:
+                    weights[name] = src
+                    continue
+                copied += device.type == "cpu"
                 weights[name] = torch.empty(src.shape, dtype=src.dtype, device=device).copy_(src)
     except Exception as e:  # safetensors raises its own error types
         raise ArtifactError(
             f"cannot read {path.name} in {path.parent}: {e}. Recompile the artifact."
         ) from e
+    if copied:
+        logger.info("%d of %d weights in %s are not %d-byte aligned and were copied; "
+                    "recompile the artifact to map them instead", copied, len(weights),
+                    path, WEIGHTS_ALIGNMENT)
     return weights
 
 

@@ -118,8 +118,9 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
             f"the artifact was compiled with block_size {spec.block_size}; recompile with "
             f"--block-size {args.block_size} to change it"
         )
-    # The tokenizer (mostly importing transformers) loads while the weights
-    # are hashed and copied, which release the GIL.
+    # The tokenizer (mostly importing transformers) loads in a thread while
+    # the artifact loads; the digests and the graph packages' loading release
+    # the GIL.
     with ThreadPoolExecutor(max_workers=1) as pool:
         tokenizer_future = pool.submit(load_tokenizer, args.tokenizer or args.model)
         artifact = load_artifact(args.model, device)

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from aotllm import LLM
-from aotllm.graphs.manifest import MANIFEST_FILE, ArtifactError, Manifest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aotllm import LLM, SamplingParams
+from aotllm.graphs.file_digest import sample_ranges
+from aotllm.graphs.manifest import (
+    MANIFEST_FILE,
+    WEIGHTS_ALIGNMENT,
+    WEIGHTS_PAD_PREFIX,
+    ArtifactError,
+    Manifest,
+    sha256_file,
+)
 from aotllm.runtime.artifact import load_artifact
 
 pytestmark = pytest.mark.slow
@@ -54,16 +68,82 @@ def test_newer_format_version_asks_to_upgrade(artifact):
     assert "format version" in msg and "upgrade aotllm" in msg
 
 
+def _flip_sampled_byte(artifact: Path, name: str) -> None:
+    """Flips a byte in the middle of a chunk the load-time check samples."""
+    path = artifact / name
+    sample = Manifest.read(artifact).file_samples.files[name]
+    ranges = [r for r in sample_ranges(sample.size, sample.head_bytes) if r[1] > r[0]]
+    start, end = ranges[len(ranges) // 2]
+    data = bytearray(path.read_bytes())
+    data[(start + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_corrupted_graph_file_is_named(artifact):
     entry = Manifest.read(artifact).graphs[0]
-    path = artifact / entry.file
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
-    path.write_bytes(bytes(data))
+    _flip_sampled_byte(artifact, entry.file)
     msg = _refusal(artifact)
     assert "corrupted" in msg and Path(entry.file).name in msg
-    assert "aotllm compile" in msg
+    assert "aotllm compile" in msg and "aotllm verify" in msg
+
+
+def test_corrupted_weights_are_refused_by_the_cheap_check(artifact):
+    _flip_sampled_byte(artifact, "weights.safetensors")
+    msg = _refusal(artifact)
+    assert "weights.safetensors is corrupted" in msg and "aotllm verify" in msg
+
+
+def test_truncated_weights_are_refused(artifact):
+    path = artifact / "weights.safetensors"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+    msg = _refusal(artifact)
+    assert "weights.safetensors is" in msg and "truncated" in msg and "aotllm verify" in msg
+
+
+def test_weights_are_mapped_not_copied(artifact):
+    """Every weight is a view into the mapped weights file, aligned for oneDNN."""
+    loaded = load_artifact(artifact, CPU)
+    weights_path = str((artifact / "weights.safetensors").resolve())
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == weights_path:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((start, end))
+    assert mapped, "the weights file is not memory-mapped"
+    for name, t in loaded.weights.items():
+        assert any(s <= t.data_ptr() < e for s, e in mapped), f"{name} was copied"
+        assert t.data_ptr() % WEIGHTS_ALIGNMENT == 0, name
+    assert not any(n.startswith(WEIGHTS_PAD_PREFIX) for n in loaded.weights)
+
+
+def test_artifact_from_before_sampled_digests_loads_with_the_same_tokens(
+        artifact, caplog, restore_aotllm_logging):
+    """An older artifact (safetensors' own packing, no file_samples in the
+    manifest) still loads: full hash, misaligned weights copied; it must give
+    the tokens the mapped artifact gives."""
+    prompt = ["The quick brown fox"]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    mapped = LLM(str(artifact)).generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+
+    path = artifact / "weights.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {n: f.get_tensor(n).clone() for n in f.keys()
+                   if not n.startswith(WEIGHTS_PAD_PREFIX)}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def to_old(d: dict) -> None:
+        del d["file_samples"]
+        d["weights_sha256"] = sha256_file(path)
+    _edit_manifest(artifact, to_old)
+    # LLM() stops the "aotllm" logger's propagation: listen on it directly.
+    logging.getLogger("aotllm").addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="aotllm"):
+        old = LLM(str(artifact)).generate(prompt, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert "hashing every file in full" in caplog.text
+    assert "aligned and were copied" in caplog.text
+    assert old == mapped and len(mapped) == 8
 
 
 def test_missing_graph_file_is_named(artifact):
@@ -142,3 +222,51 @@ def test_block_size_other_than_the_artifacts_is_a_value_error(shared):
 def test_max_model_len_above_the_artifacts_is_a_value_error(shared):
     with pytest.raises(ValueError, match="exceeds the artifact's 128.*--max-model-len 256"):
         LLM(str(shared), max_model_len=256)
+
+
+_TEXTS = ["The quick brown fox", "  spaces , and punctuation ! isn't it ?", "Ünïcödé 東京 🙂\n\tx",
+          ""]
+
+
+def test_runtime_tokenizer_matches_transformers(shared):
+    from aotllm.runtime.tokenizer import ArtifactTokenizer, load_tokenizer
+
+    tok = load_tokenizer(shared)
+    assert isinstance(tok, ArtifactTokenizer)
+    hf = tok.hf
+    assert type(hf).__module__.startswith("transformers")
+    specials = [str(t) for t in hf.all_special_tokens]
+    for text in [*_TEXTS, *(f"x{t}y {t}" for t in specials)]:
+        for add in (True, False):
+            ids = hf.encode(text, add_special_tokens=add)
+            assert tok.encode(text, add_special_tokens=add) == ids, text
+            for skip in (True, False):
+                assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+                    ids, skip_special_tokens=skip), text
+    assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    # What it lacks comes from transformers' tokenizer.
+    assert tok.chat_template == hf.chat_template
+
+
+def test_first_token_without_importing_transformers(artifact):
+    """The runtime tokenizer keeps transformers out of a cold start; without
+    it (older artifacts) transformers' tokenizer gives the same tokens and text."""
+    code = (
+        "import sys, json\n"
+        "from aotllm import LLM, SamplingParams\n"
+        "llm = LLM(sys.argv[1])\n"
+        "out = llm.generate(['The quick brown fox'], SamplingParams(max_tokens=8, "
+        "temperature=0.0), use_tqdm=False)[0].outputs[0]\n"
+        "print(json.dumps([out.token_ids, out.text, 'transformers' in sys.modules]))\n"
+    )
+
+    def run() -> list:
+        proc = subprocess.run([sys.executable, "-c", code, str(artifact)], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    ids, text, imported = run()
+    assert not imported and len(ids) == 8
+    _edit_manifest(artifact, lambda d: d["extra"].pop("runtime_tokenizer"))
+    assert run() == [ids, text, True]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -124,3 +125,47 @@ def test_compile_then_generate_matches_eager(llama_dir, tmp_path, capsys):
                  *prompt, *GREEDY]) == 0
     eager = _completions(capsys.readouterr().out)
     assert compiled == eager and len(compiled) == 1
+
+
+def test_verify_of_a_directory_without_manifest_is_one_line(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "not an aotllm artifact" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_verify_passes_a_good_artifact_and_finds_what_loading_cannot(artifacts, tmp_path,
+                                                                      capsys):
+    import dataclasses
+
+    import torch
+
+    from aotllm.graphs.file_digest import FileSample, sample_ranges, sampled_sha256
+    from aotllm.graphs.manifest import Manifest
+    from aotllm.runtime.artifact import load_artifact
+
+    artifact = shutil.copytree(artifacts.get("llama-gqa", "float32"), tmp_path / "artifact")
+    assert main(["verify", str(artifact)]) == 0
+    assert "files match their sha256" in capsys.readouterr().out
+
+    # The tiny model's weights fit in the default samples; sample sparser
+    # (the manifest records the rule's parameters) so some bytes go unsampled.
+    manifest = Manifest.read(artifact)
+    path = artifact / "weights.safetensors"
+    old = manifest.file_samples.files["weights.safetensors"]
+    sparse = {name: FileSample(s.size, s.head_bytes,
+                               sampled_sha256(artifact / name, s.size, s.head_bytes, 4096, 4))
+              for name, s in manifest.file_samples.files.items()}
+    table = dataclasses.replace(manifest.file_samples, chunk_bytes=4096, chunks=4, files=sparse)
+    dataclasses.replace(manifest, file_samples=table).write(artifact)
+    covered = sample_ranges(old.size, old.head_bytes, 4096, 4)
+    offset = next(o for o in range(old.size - 1, 0, -4096)
+                  if not any(s <= o < e for s, e in covered))
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    load_artifact(artifact, torch.device("cpu"))  # the cheap check cannot see it
+    capsys.readouterr()  # the load's progress and log lines
+    assert main(["verify", str(artifact)]) == 1
+    err = _one_error_line(capsys.readouterr().err)
+    assert "weights.safetensors is corrupted" in err

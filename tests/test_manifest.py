@@ -5,18 +5,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
 
 from aotllm.graphs.buckets import plan_buckets
+from aotllm.graphs.file_digest import CHUNK_BYTES, SampleTable, sample_file, sample_ranges
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import (
     FORMAT_VERSION,
     ArtifactError,
     GraphEntry,
     Manifest,
+    check_files,
     check_runtime_compat,
     is_artifact_dir,
     sha256_file,
@@ -40,7 +43,12 @@ def _make_artifact(directory: Path) -> Manifest:
         rel = f"graphs/{bucket.name}.pt2"
         digest = _write(directory / rel, bucket.name.encode())
         graphs.append(GraphEntry(bucket, rel, digest, compile_seconds=1.5, key="k-" + bucket.name))
-    weights_sha = _write(directory / "weights.safetensors", b"weights" * 1000)
+    # Large enough that the sampled digest leaves gaps between its chunks.
+    weights_sha = _write(directory / "weights.safetensors", bytes(range(256)) * 16384)
+    samples = SampleTable({"weights.safetensors": sample_file(directory / "weights.safetensors",
+                                                              head_bytes=100)})
+    for g in graphs:
+        samples.files[g.file] = sample_file(directory / g.file)
     manifest = Manifest(
         model_config={"model_type": "llama", "hidden_size": 16, "rope_scaling": None},
         architecture="LlamaForCausalLM",
@@ -54,6 +62,7 @@ def _make_artifact(directory: Path) -> Manifest:
         plan=PLAN.to_dict(),
         graphs=tuple(graphs),
         weights_sha256=weights_sha,
+        file_samples=samples,
         extra={"note": "test"},
     )
     manifest.write(directory)
@@ -220,6 +229,121 @@ def test_verify_bucket_without_graph(artifact: tuple[Path, Manifest]) -> None:
     partial = dataclasses.replace(manifest, graphs=manifest.graphs[:-1])
     with pytest.raises(ArtifactError, match=PLAN.buckets[-1].name):
         verify_files(partial, directory)
+
+
+# -- check_files: the cheap check on every load -------------------------------------
+
+WEIGHTS = "weights.safetensors"
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _unsampled_offset(size: int, head_bytes: int) -> int:
+    covered = sample_ranges(size, head_bytes)
+    offset = next(o for o in range(0, size, 4096)
+                  if not any(start <= o < end for start, end in covered))
+    return offset
+
+
+def test_sample_ranges_cover_head_tail_and_stay_in_bounds() -> None:
+    size = 10 * (1 << 20)
+    ranges = sample_ranges(size, head_bytes=200_000)
+    assert ranges[0] == (0, 200_000)  # a header longer than a chunk is hashed whole
+    assert ranges[-1] == (size - CHUNK_BYTES, size)
+    assert all(0 <= start < end <= size for start, end in ranges)
+    assert sum(end - start for start, end in ranges) < size // 4
+    # A file smaller than a chunk is hashed whole.
+    assert sample_ranges(1000, head_bytes=0) == [(0, 1000), (1000, 1000)]
+
+
+def test_check_files_ok(artifact: tuple[Path, Manifest]) -> None:
+    directory, manifest = artifact
+    assert check_files(manifest, directory) is None  # raises on any problem
+
+
+def test_check_files_refuses_a_flip_inside_a_sampled_chunk(artifact) -> None:
+    directory, manifest = artifact
+    size = (directory / WEIGHTS).stat().st_size
+    start, end = sample_ranges(size, head_bytes=100)[5]  # a chunk between head and tail
+    _flip(directory / WEIGHTS, (start + end) // 2)
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS} is corrupted") as info:
+        check_files(manifest, directory)
+    assert f"aotllm verify {directory}" in str(info.value)
+    assert "aotllm compile" in str(info.value)
+
+
+def test_check_files_refuses_a_flip_in_the_header(artifact) -> None:
+    directory, manifest = artifact
+    _flip(directory / WEIGHTS, 99)  # the last byte of the recorded 100-byte header
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS} is corrupted"):
+        check_files(manifest, directory)
+
+
+@pytest.mark.parametrize("target", [WEIGHTS, "graph"])
+def test_check_files_refuses_a_truncated_file(artifact, target: str) -> None:
+    directory, manifest = artifact
+    name = manifest.graphs[0].file if target == "graph" else target
+    path = directory / name
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ArtifactError, match="truncated or replaced") as info:
+        check_files(manifest, directory)
+    assert Path(name).name in str(info.value) and "aotllm verify" in str(info.value)
+
+
+def test_a_flip_outside_the_samples_passes_the_cheap_check_but_not_verify(artifact) -> None:
+    directory, manifest = artifact
+    size = (directory / WEIGHTS).stat().st_size
+    _flip(directory / WEIGHTS, _unsampled_offset(size, head_bytes=100))
+    check_files(manifest, directory)  # the documented blind spot of the cheap check
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS} is corrupted: its sha256"):
+        verify_files(manifest, directory)
+
+
+def test_verify_names_every_corrupted_file(artifact) -> None:
+    directory, manifest = artifact
+    for name in (WEIGHTS, manifest.graphs[2].file):
+        _flip(directory / name, 0)
+    with pytest.raises(ArtifactError) as info:
+        verify_files(manifest, directory)
+    msg = str(info.value)
+    assert f"{WEIGHTS} is corrupted" in msg and f"{manifest.graphs[2].file} is corrupted" in msg
+
+
+@pytest.mark.parametrize("edit", ["absent", "unknown scheme"])
+def test_manifest_without_known_samples_falls_back_to_the_full_hash(artifact, edit, caplog,
+                                                                    restore_aotllm_logging):
+    # An earlier LLM() in the session may have stopped "aotllm" propagating.
+    logging.getLogger("aotllm").addHandler(caplog.handler)
+    directory, _ = artifact
+    if edit == "absent":  # a manifest written before sampled digests existed
+        path = directory / "manifest.json"
+        data = json.loads(path.read_text())
+        del data["file_samples"]
+        path.write_text(json.dumps(data))
+    else:
+        data = json.loads((directory / "manifest.json").read_text())
+        _edit_json(directory, file_samples={**data["file_samples"], "scheme": "newer/9"})
+    manifest = Manifest.read(directory)
+    with caplog.at_level(logging.WARNING, logger="aotllm"):
+        check_files(manifest, directory)
+    assert "hashing every file in full" in caplog.text
+    size = (directory / WEIGHTS).stat().st_size
+    _flip(directory / WEIGHTS, _unsampled_offset(size, head_bytes=100))
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS} is corrupted: its sha256"):
+        check_files(manifest, directory)
+
+
+def test_samples_must_cover_every_file(artifact) -> None:
+    directory, _ = artifact
+    data = json.loads((directory / "manifest.json").read_text())
+    del data["file_samples"]["files"][WEIGHTS]
+    _edit_json(directory, file_samples=data["file_samples"])
+    with pytest.raises(ArtifactError, match=f"malformed.*file_samples lacks {WEIGHTS}"):
+        Manifest.read(directory)
 
 
 # -- check_runtime_compat --------------------------------------------------------
