@@ -1,14 +1,25 @@
 """How a BF16/FP16 linear runs on a CPU without native BF16/FP16 matmuls.
 
 Without AVX512_BF16/AMX (for fp16: AVX512_FP16/AMX_FP16) oneDNN's half-
-precision GEMM is compute bound at a fraction of FP32 speed: on an AVX2-only
-CPU a [4096, 768] bf16 linear takes ~47 ms at M=128 where FP32 takes ~8 ms
-(../shared/CPU-KERNELS.md). Decode rows are few and bandwidth bound, so the
-compact weights win there and the native call stays. Prefill-sized calls
-instead compute in FP32 over weights that stay stored in their compact
-dtype: the weight is cast in chunks of output rows, each chunk's FP32 copy
-small enough to stay in cache, and the chunk's GEMM runs right after its
-cast. The weights file and the bytes held in memory do not change.
+precision GEMM is compute bound at a fraction of FP32 speed, its time growing
+linearly with the rows. Such calls compute in FP32 instead, over weights that
+stay stored in their compact dtype: the weight is cast in chunks of output
+rows, each chunk's FP32 copy small enough to stay in cache, and the chunk's
+GEMM runs right after its cast. The weights file and the bytes held in
+memory do not change.
+
+Measured in AOTInductor graphs, one [4096, 768] bf16 linear, on the 2-core
+Xeon of the README's figures restricted to AVX2 (ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2), microseconds:
+
+    rows               1     2     4     8    16    128
+    native bf16      276   440   774  1427  2866  22484
+    fp32, 512-row    384   831   461   592   855   2985
+    fp32 weights     324   337   579   796   728   2511   (2x the memory)
+
+So one row stays native (bandwidth bound: the compact read wins), and from 4
+rows on the chunked FP32 route is 1.7x (4 rows) to 7.5x (128) faster; at 2
+rows the two are close, and it stays native.
 
 Like `int8_kernels`, the choice is made from static facts (rows, dtype,
 device, the CPU as `cpu_isa.detect` sees it at trace time), so each bucket
@@ -22,9 +33,8 @@ import torch.nn.functional as F
 
 from aotllm.models import cpu_isa
 
-# From this many rows up a non-native half-precision linear computes in FP32
-# (prefill buckets start at 16 tokens; decode batches stay native).
-FP32_MIN_ROWS = 16
+# From this many rows up a non-native half-precision linear computes in FP32.
+FP32_MIN_ROWS = 4
 # Output rows cast per chunk: 512 x K fp32 (1.5 MiB at K=768) stays in L2.
 CHUNK_ROWS = 512
 

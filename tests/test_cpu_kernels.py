@@ -59,11 +59,14 @@ def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
     choice = float_kernels.float_linear_kernel
     assert choice(16, bf16, cpu) == "fp32_chunked"  # prefill-sized
     assert choice(16, torch.float16, cpu) == "fp32_chunked"
-    assert choice(8, bf16, cpu) == "native"  # decode rows: bandwidth bound, compact wins
+    assert choice(4, bf16, cpu) == "fp32_chunked"  # a decode batch of 4
+    assert choice(2, bf16, cpu) == "native"
+    assert choice(1, bf16, cpu) == "native"  # one row: bandwidth bound, compact wins
     assert choice(128, torch.float32, cpu) == "native"
     assert choice(128, bf16, torch.device("meta")) == "native"  # not a CPU graph
     assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
     assert int8_kernels.w8a16_kernel(8, bf16, cpu, grouped=False) == "weight_int8pack_mm"
+    assert int8_kernels.w8a16_kernel(17, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
     assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=True) == "dequant_matmul"
     monkeypatch.setattr(cpu_isa, "detect", lambda: ALL_NATIVE)
     assert choice(128, bf16, cpu) == "native"
