@@ -41,8 +41,10 @@ CHUNK_ROWS = 512
 
 def float_linear_kernel(rows: int, dtype: torch.dtype, device: torch.device) -> str:
     """"native" (F.linear in the model dtype) or "fp32_chunked"."""
+    # `rows` is compared last: in a dynamic-shape trace it is symbolic, and a
+    # comparison whose answer does not matter would still add a guard.
     if (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-            and rows >= FP32_MIN_ROWS and not cpu_isa.detect().native_for(dtype)):
+            and not cpu_isa.detect().native_for(dtype) and rows >= FP32_MIN_ROWS):
         return "fp32_chunked"
     return "native"
 

@@ -82,3 +82,39 @@ def _bucket_inputs(bucket, kv_caches) -> list[torch.Tensor]:
                          for i in range(b)]).reshape(-1)
     ctx = positions[:, -1] + 1
     return [ids, positions, slots, tables, ctx, torch.full((b,), t)]
+
+
+@pytest.mark.parametrize("dtype, scheme, isa", [
+    ("bfloat16", None, "native"), ("bfloat16", None, "avx2"), ("bfloat16", "w8a16", "native"),
+    ("bfloat16", "w8a16", "avx2"), ("float32", "w8a8", "native")])
+def test_every_group_exports_without_a_guard(llama_dir, tiny_models, monkeypatch, dtype,
+                                              scheme, isa, one_thread):
+    """Each shape group traces with its dimensions dynamic over its whole range:
+    no kernel choice (float, w8a16, w8a8; native or AVX2 CPU) and no MoE path
+    switch guards a dimension. Export only; compiling is the slow test's job."""
+    from aotllm.compiler.export import export_bucket
+    from aotllm.compiler.shape_groups import row_thresholds
+    from aotllm.graphs.kv_cache import KVCacheSpec
+    from aotllm.models import cpu_isa
+    from aotllm.models.checkpoint import open_checkpoint
+    from aotllm.quantize.config import QuantConfig
+    from aotllm.quantize.load import load_quantized
+    from tests.conftest import COMPILE_PLAN
+
+    if isa == "avx2":
+        monkeypatch.setattr(cpu_isa, "detect", lambda: cpu_isa.CpuIsa(
+            "AVX2", "AVX2", native_bf16=False, native_fp16=False, int8_dot=False))
+    models = [llama_dir, tiny_models.get("mixtral-top2")] if scheme is None else [llama_dir]
+    plan = plan_buckets(COMPILE_PLAN["max_model_len"], 8, COMPILE_PLAN["block_size"],
+                        prefill_buckets=(16, 32, 64), context_buckets=(32, 64, 128))
+    cpu = torch.device("cpu")
+    for path in models:
+        quant = QuantConfig(scheme) if scheme else None
+        model, _ = load_quantized(path, dtype, cpu, quant, open_checkpoint(path).load_tokenizer)
+        c = model.config
+        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, plan.block_size, dtype)
+        thresholds = row_thresholds(model.dtype, scheme, cpu) + tuple(dict.fromkeys(
+            t for m in model.modules() for t in getattr(m, "row_thresholds", ())))
+        for group in group_buckets(plan.buckets, thresholds):
+            if len(group.buckets) > 1:
+                export_bucket(model, group.graph_bucket, spec, cpu, group)
