@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ge-dim-gears", action="store_true",
                    help="ge only: one decode graph per context bucket with its batch dimension "
                         "geared over the decode batch sizes (torchair set_dim_gears)")
-    c.add_argument("--dynamic-shapes", action="store_true",
-                   help="inductor only: one graph per shape group (decode batch 1, decode "
-                        "batch >= 2, prefill per batch size) with dynamic batch, token and "
-                        "context dimensions, instead of one graph per bucket")
+    c.add_argument("--dynamic-shapes", action=argparse.BooleanOptionalAction, default=None,
+                   help="inductor: one graph per shape group (decode batch 1, decode batch "
+                        ">= 2, prefill per batch size) with dynamic batch, token and context "
+                        "dimensions (default); --no-dynamic-shapes: one graph per bucket")
     c.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
     c.add_argument("--max-num-seqs", type=positive_int, default=8, metavar="N",

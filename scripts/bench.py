@@ -14,6 +14,7 @@ other busy process stalls every parallel region of the graph.
 
     python scripts/bench.py [--modes compiled,eager,transformers] [--batch-sizes 1,8]
     python scripts/bench.py --modes compiled --peers bf16,f32,q8_0   # llama.cpp side by side
+    python scripts/bench.py --modes compiled --no-dynamic-shapes      # one graph per bucket
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def bench_transformers(path: Path, dtype: torch.dtype, prompts, new_tokens: int)
 
 
 def compile_for_bench(path: Path, out: Path, max_len: int, max_batch: int, prompt_len: int,
-                      dynamic_shapes: bool = False):
+                      dynamic_shapes: bool | None = None):
     """The artifact the compiled mode serves; per-bucket compile seconds come back."""
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
@@ -226,7 +227,7 @@ def bench_peer(path: Path, outtype: str, batches: list[int], args, bandwidth: fl
               "llama-cpp-python)", flush=True)
         return []
     gguf = peers.convert_to_gguf(path, outtype, args.cache_dir / f"{path.name}-{outtype}.gguf",
-                                 args.cache_dir)
+                                 args.cache_dir, pre_tokenizer=args.pre_tokenizer)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     out = []
     for b in batches:
@@ -275,8 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--dynamic-shapes", action="store_true",
-                    help="compile with --dynamic-shapes (one graph per shape group)")
+    ap.add_argument("--pre-tokenizer", default="qwen2",
+                    help="tokenizer.ggml.pre for llama.cpp's converter when it does not know "
+                         "the tokenizer's hash (the built-in checkpoints' byte-level BPE)")
+    ap.add_argument("--dynamic-shapes", action=argparse.BooleanOptionalAction, default=None,
+                    help="--no-dynamic-shapes compiles one graph per bucket (default: one "
+                         "per shape group)")
     ap.add_argument("--peers", default="", metavar="TYPES",
                     help="also run llama.cpp (llama-cpp-python) on GGUF conversions of the same "
                          "checkpoint, e.g. bf16,f32,q8_0, and print the target ratios")
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if mode == "compiled":
             artifact = args.cache_dir / (f"artifact-{path.name}-{max_len}-{max(batches)}"
-                                         + ("-dynamic" if args.dynamic_shapes else ""))
+                                         + ("-static" if args.dynamic_shapes is False else ""))
             manifest, seconds = compile_for_bench(path, artifact, max_len, max(batches),
                                                   args.prompt_len, args.dynamic_shapes)
             # Per graph file: with --dynamic-shapes one file serves several buckets.
