@@ -11,9 +11,9 @@ import torch
 
 from aotllm import LLM, SamplingParams
 from aotllm.graphs.buckets import Bucket, BucketPlan, group_rows, plan_buckets
-from aotllm.graphs.kv_cache import NULL_BLOCK
 from aotllm.models.loader import load_model
 from aotllm.runtime.artifact import CompiledExecutor
+from tests.test_compiled import _paged_inputs  # block size 16, as BS here
 
 pytestmark = pytest.mark.slow
 
@@ -100,26 +100,6 @@ def test_greedy_tokens_match_todays_plan_and_eager(artifact, tiny_models, calls)
     assert (BATCHED, (0, 0, 0, 0)) in prefill
     assert any(b == NARROW and max(s) > 0 for b, s in prefill)
     assert any(b == WIDE64 and s == (64,) for b, s in prefill)
-
-
-def _paged_inputs(rows, bucket: Bucket) -> list[torch.Tensor]:
-    """Graph inputs for rows of (new token ids, start position, block ids), padded to `bucket`."""
-    b, t, maxb = bucket.batch, bucket.tokens, bucket.context_blocks
-    ids = torch.zeros(b, t, dtype=torch.long)
-    pos = torch.zeros(b, t, dtype=torch.long)
-    slots = torch.full((b, t), NULL_BLOCK * BS, dtype=torch.long)
-    tables = torch.full((b, maxb), NULL_BLOCK, dtype=torch.long)
-    ctx = torch.ones(b, dtype=torch.long)
-    qlen = torch.ones(b, dtype=torch.long)
-    for i, (toks, start, blocks) in enumerate(rows):
-        n = len(toks)
-        ids[i, :n] = torch.tensor(toks)
-        p = torch.arange(start, start + n)
-        pos[i, :n] = p
-        slots[i, :n] = torch.tensor(blocks)[p // BS] * BS + p % BS
-        tables[i, : len(blocks)] = torch.tensor(blocks)
-        ctx[i], qlen[i] = start + n, n
-    return [ids, pos, slots.view(-1), tables, ctx, qlen]
 
 
 def test_logits_match_across_buckets_and_eager(artifact, tiny_models):
