@@ -40,8 +40,13 @@ class CompileConfig:
     # same decode and prefill speed as per-bucket graphs, measured, at a
     # fraction of the compile time), off for the static-shape backends.
     dynamic_shapes: bool | None = None
+    # Graphs compiled side by side in forked worker processes (Inductor;
+    # compiler/parallel.py). 1: one after the other, in this process.
+    compile_workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.compile_workers <= 0:
+            raise ValueError(f"compile_workers must be positive, got {self.compile_workers}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -34,6 +34,9 @@ class InductorBackend:
     # models/int8_kernels.py: int8 extern kernels on CPU, the float route on CUDA.
     quantization_schemes = frozenset({"w8a16", "w8a8", "w8a8_static"})
     ops = TorchOps
+    # Graphs may compile in forked workers (compiler/parallel.py): nothing a
+    # bucket's compile reads is changed by another's.
+    parallel_compile = True
 
     def __init__(self, cfg):
         # Checked on the name: without torch_npu, torch.device("npu") itself fails.

@@ -31,6 +31,7 @@ import aotllm
 from aotllm.compiler.backends import check_quantization, get_backend
 from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.cpu_target import cpu_record
+from aotllm.compiler.parallel import compile_graphs
 from aotllm.compiler.tokenizer_snapshot import write_runtime_tokenizer
 from aotllm.graphs.buckets import Bucket, plan_buckets
 from aotllm.graphs.devices import supported_device_type
@@ -181,32 +182,38 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
               else [(b, (b,)) for b in plan.buckets])
     by_bucket: dict[Bucket, GraphEntry] = {}
     compile_seconds: list[float] = []
-    bar = tqdm(groups, desc="Compiling graphs", unit="graph", dynamic_ncols=True)
-    for graph_bucket, served in bar:
+    todo: dict[Bucket, tuple[tuple[Bucket, ...], dict[Bucket, str], str]] = {}
+    for graph_bucket, served in groups:
         # A shared graph's key names its bucket and everything it serves, so
         # a changed grouping recompiles.
         shared = {} if served == (graph_bucket,) else {
             "graph": graph_bucket.name, "serves": sorted(b.name for b in served)}
         keys = {b: bucket_key({**common, **shared}, b) for b in served}
-        bar.set_postfix_str(graph_bucket.name)
         rel = f"{GRAPHS_DIR}/{graph_bucket.name}{backend.file_suffix}"
         kept = [reusable.get(keys[b]) for b in served]
         if all(e is not None and e.file == rel for e in kept):
             by_bucket.update(zip(served, kept))
-            continue
-        t0 = time.perf_counter()
-        # Compiled under its final name in a scratch folder (a package records
-        # its file name inside), then moved into place whole.
-        tmp = out / GRAPHS_DIR / ".partial" / f"{graph_bucket.name}{backend.file_suffix}"
-        tmp.parent.mkdir(exist_ok=True)
-        backend.compile_bucket(model, graph_bucket, spec, tmp)
-        os.replace(tmp, out / rel)
-        seconds = time.perf_counter() - t0
+        else:
+            todo[graph_bucket] = (served, keys, rel)
+
+    # Compiled under its final name in a scratch folder (a package records
+    # its file name inside), then moved into place whole.
+    scratch = out / GRAPHS_DIR / ".partial"
+    scratch.mkdir(exist_ok=True)
+    bar = tqdm(total=len(todo), desc="Compiling graphs", unit="graph", dynamic_ncols=True)
+
+    def done(graph_bucket: Bucket, seconds: float) -> None:
+        served, keys, rel = todo[graph_bucket]
+        os.replace(scratch / f"{graph_bucket.name}{backend.file_suffix}", out / rel)
         compile_seconds.append(seconds)
         tqdm.write(f"compiled {graph_bucket.name} in {seconds:.1f} s")
         digest = sha256_file(out / rel)
         for b in served:
             by_bucket[b] = GraphEntry(b, rel, digest, seconds, keys[b])
+        bar.update(1)
+
+    workers = cfg.compile_workers if getattr(backend, "parallel_compile", False) else 1
+    compile_graphs(backend, model, spec, list(todo), scratch, workers, done)
     bar.close()
     entries = [by_bucket[b] for b in plan.buckets]
 

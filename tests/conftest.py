@@ -158,18 +158,22 @@ class Artifacts:
         self._built: dict[tuple, Path] = {}
 
     def get(self, variant: str = "llama-gqa", dtype: str = "float32",
-            quantization: str | None = None, **plan) -> Path:
+            quantization: str | None = None, model_kwargs: dict | None = None,
+            **plan) -> Path:
+        """`model_kwargs` override the variant's config (TinyModels.get)."""
         from aotllm.compiler.config import CompileConfig
         from aotllm.compiler.pipeline import compile_artifact
         from aotllm.quantize.config import QuantConfig
 
         options = {**COMPILE_PLAN, **plan}
-        key = (variant, dtype, quantization, tuple(sorted(options.items())))
+        model_kwargs = model_kwargs or {}
+        key = (variant, dtype, quantization, tuple(sorted(options.items())),
+               json.dumps(model_kwargs, sort_keys=True))
         if key not in self._built:
             out = self.root / f"a{len(self._built)}-{variant}-{dtype}-{quantization}"
             quant = QuantConfig(quantization) if quantization else None
             compile_artifact(CompileConfig(
-                model=str(self.models.get(variant)), output=str(out), dtype=dtype,
+                model=str(self.models.get(variant, **model_kwargs)), output=str(out), dtype=dtype,
                 quantization=quant, **options
             ))
             self._built[key] = out

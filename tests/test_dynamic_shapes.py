@@ -44,7 +44,9 @@ PROMPTS = [{"prompt_token_ids": [5 + (i * 7) % 50 for i in range(n)]} for n in (
 
 @pytest.mark.slow
 def test_dynamic_shape_artifact_equals_static(artifacts, one_thread):
-    static = artifacts.get("llama-gqa", "float32", dynamic_shapes=False)
+    # The static one's graphs compile side by side in 2 forked workers
+    # (--compile-workers, compiler/parallel.py): that path is checked here too.
+    static = artifacts.get("llama-gqa", "float32", dynamic_shapes=False, compile_workers=2)
     dynamic = artifacts.get("llama-gqa", "float32")  # the default
     manifest = Manifest.read(dynamic)
     files = {g.file for g in manifest.graphs}
@@ -118,3 +120,4 @@ def test_every_group_exports_without_a_guard(llama_dir, tiny_models, monkeypatch
         for group in group_buckets(plan.buckets, thresholds):
             if len(group.buckets) > 1:
                 export_bucket(model, group.graph_bucket, spec, cpu, group)
+

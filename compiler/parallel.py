@@ -1,0 +1,59 @@
+"""Compiling several graphs at once (`--compile-workers N`).
+
+Most of a graph's compile time is single-threaded: Python lowering in
+Inductor, then one C++ compiler process. N worker processes compile N graphs
+side by side. They are forked after the model is loaded (and quantized), so
+they share its weights copy-on-write instead of loading it N times, and they
+inherit the backend and the graph list through module state, since a forked
+child needs nothing pickled but a bucket name.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from aotllm.graphs.buckets import Bucket
+
+# A graph that takes longer than this in a worker is reported as a failure
+# instead of leaving the compile waiting forever.
+_GRAPH_TIMEOUT_S = 3600
+
+# What the forked workers compile: set in the parent right before the fork.
+_JOB: dict = {}
+
+
+def _compile_one(name: str) -> tuple[str, float]:
+    job = _JOB
+    bucket = job["buckets"][name]
+    t0 = time.perf_counter()
+    tmp = job["scratch"] / f"{name}{job['backend'].file_suffix}"
+    job["backend"].compile_bucket(job["model"], bucket, job["spec"], tmp)
+    return name, time.perf_counter() - t0
+
+
+def compile_graphs(backend, model, spec, buckets: list[Bucket], scratch: Path, workers: int,
+                   done: Callable[[Bucket, float], None]) -> None:
+    """Compile each bucket's graph to `scratch/<name><suffix>`; `done(bucket,
+    seconds)` is called in the parent as each one finishes."""
+    if workers <= 1 or len(buckets) <= 1:
+        for bucket in buckets:
+            t0 = time.perf_counter()
+            backend.compile_bucket(model, bucket, spec, scratch / f"{bucket.name}"
+                                   f"{backend.file_suffix}")
+            done(bucket, time.perf_counter() - t0)
+        return
+    _JOB.update(backend=backend, model=model, spec=spec, scratch=scratch,
+                buckets={b.name: b for b in buckets})
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(workers, len(buckets)), mp_context=ctx) as pool:
+            futures = [pool.submit(_compile_one, b.name) for b in buckets]
+            for future in as_completed(futures, timeout=_GRAPH_TIMEOUT_S * len(buckets)):
+                name, seconds = future.result()
+                done(_JOB["buckets"][name], seconds)
+    finally:
+        _JOB.clear()
