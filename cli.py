@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inductor: one graph per shape group (decode batch 1, decode batch "
                         ">= 2, prefill per batch size) with dynamic batch, token and context "
                         "dimensions (default); --no-dynamic-shapes: one graph per bucket")
-    c.add_argument("--compile-workers", type=positive_int, default=1, metavar="N",
+    c.add_argument("--compile-workers", type=positive_int, default=None, metavar="N",
                    help="inductor: compile N graphs at once in forked worker processes "
-                        "(default 1)")
+                        "(default: the CPU count, at most 4)")
     c.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
     c.add_argument("--max-num-seqs", type=positive_int, default=8, metavar="N",
@@ -228,7 +228,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         quantization=_quant_config(args, QuantConfig, resolve_scheme),
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         ge_dim_gears=args.ge_dim_gears, dynamic_shapes=args.dynamic_shapes,
-        compile_workers=args.compile_workers,
+        compile_workers=args.compile_workers or min(os.cpu_count() or 1, 4),
     )
     t0 = time.perf_counter()
     manifest = compile_artifact(cfg)
