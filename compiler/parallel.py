@@ -26,13 +26,17 @@ _GRAPH_TIMEOUT_S = 3600
 _JOB: dict = {}
 
 
+def _compile(backend, model, spec, bucket: Bucket, scratch: Path) -> float:
+    """Compile one graph into the scratch folder; its seconds."""
+    t0 = time.perf_counter()
+    backend.compile_bucket(model, bucket, spec, scratch / f"{bucket.name}{backend.file_suffix}")
+    return time.perf_counter() - t0
+
+
 def _compile_one(name: str) -> tuple[str, float]:
     job = _JOB
-    bucket = job["buckets"][name]
-    t0 = time.perf_counter()
-    tmp = job["scratch"] / f"{name}{job['backend'].file_suffix}"
-    job["backend"].compile_bucket(job["model"], bucket, job["spec"], tmp)
-    return name, time.perf_counter() - t0
+    return name, _compile(job["backend"], job["model"], job["spec"], job["buckets"][name],
+                          job["scratch"])
 
 
 def compile_graphs(backend, model, spec, buckets: list[Bucket], scratch: Path, workers: int,
@@ -41,10 +45,7 @@ def compile_graphs(backend, model, spec, buckets: list[Bucket], scratch: Path, w
     seconds)` is called in the parent as each one finishes."""
     if workers <= 1 or len(buckets) <= 1:
         for bucket in buckets:
-            t0 = time.perf_counter()
-            backend.compile_bucket(model, bucket, spec, scratch / f"{bucket.name}"
-                                   f"{backend.file_suffix}")
-            done(bucket, time.perf_counter() - t0)
+            done(bucket, _compile(backend, model, spec, bucket, scratch))
         return
     _JOB.update(backend=backend, model=model, spec=spec, scratch=scratch,
                 buckets={b.name: b for b in buckets})

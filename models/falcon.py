@@ -12,7 +12,7 @@ from typing import Any
 from aotllm.models.config import ModelConfig
 from aotllm.models.decoder import CausalLM
 from aotllm.models.registry import ModelSpec
-from aotllm.models.weights import WeightMap, grouped_qkv_rows, merge
+from aotllm.models.weights import WeightMap, merge_grouped_qkv
 
 
 def _falcon(raw: dict[str, Any]) -> ModelConfig:
@@ -67,11 +67,7 @@ class FalconForCausalLM(CausalLM):
         ) if two_norms else ())
 
     def regroup(self, weight_map: WeightMap) -> None:
-        c = self.config
-        rows = grouped_qkv_rows(c.num_heads, c.num_kv_heads, c.head_dim)
-        for i in range(c.num_layers):
-            merge(weight_map, f"model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"),
-                  "query_key_value", rows)
+        merge_grouped_qkv(weight_map, self.config, "query_key_value")
 
 
 SPECS = [ModelSpec("FalconForCausalLM", ("falcon",), _falcon, FalconForCausalLM)]

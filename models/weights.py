@@ -160,6 +160,15 @@ def merge(weight_map: WeightMap, prefix: str, pieces: tuple[str, ...], into: str
         weight_map[f"{prefix}.{into}.{attr}"] = Shard(param, rows=rows)
 
 
+def merge_grouped_qkv(weight_map: WeightMap, config, into: str) -> None:
+    """Every layer's q/k/v stored as one grouped tensor named `into` (per KV
+    group: its q heads, then k, then v), as InternLM2 and Falcon store them."""
+    rows = grouped_qkv_rows(config.num_heads, config.num_kv_heads, config.head_dim)
+    for i in range(config.num_layers):
+        merge(weight_map, f"model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), into,
+              rows)
+
+
 def reorder(weight_map: WeightMap, name: str, rows: torch.Tensor) -> None:
     """Reorder the rows one checkpoint tensor fills (1-D biases as well)."""
     if name in weight_map:
