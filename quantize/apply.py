@@ -66,6 +66,20 @@ def smooth(model: nn.Module, stats: dict[str, torch.Tensor], alpha: float) -> in
     return folded
 
 
+def float_modules(model: nn.Module) -> list[str]:
+    """The manifest's list of what stays in the model dtype: every float
+    `Linear` left (the LM head, exclusions), then every other module that owns
+    a weight matrix. Those are the embedding and, in MoE families, each
+    layer's router (`mlp.gate`) and stacked experts (`mlp.experts`): the
+    schemes quantize `Linear`s only, and an expert stack is not one."""
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, Linear))
+    # Quantized linears hold their int8 weight as a buffer, so they own no
+    # matrix parameter and are not listed.
+    others = [n for n, m in model.named_modules() if not isinstance(m, Linear)
+              and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+    return linears + others
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -98,9 +112,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, tokenizer=None) -> dict:
         else:
             new = W8A8StaticLinear.from_float(lin, float(stats[name].max()))
         _swap(model, name, new.to(lin.weight.device))
-    kept = sorted(n for n, m in model.named_modules() if isinstance(m, Linear))
     record["quantized_linears"] = len(names)
-    record["float_modules"] = kept + ["model.embed_tokens"]
+    record["float_modules"] = float_modules(model)
     logger.info("Quantized %d linears to %s in %.1f s (kept in %s: %s)", len(names), cfg.scheme,
                 time.perf_counter() - t0, str(model.dtype).removeprefix("torch."),
                 ", ".join(record["float_modules"]) or "nothing")

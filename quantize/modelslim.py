@@ -38,6 +38,7 @@ from aotllm.models.loader import load_weights, resolve_dtype
 from aotllm.models.registry import build_model
 from aotllm.models.weights import checkpoint_shards
 from aotllm.models.ops import TorchOps
+from aotllm.quantize.apply import float_modules
 from aotllm.quantize.config import QuantConfig
 from aotllm.quantize.linear import W8A8DynamicLinear, W8A8StaticLinear, W8A16Linear
 
@@ -368,7 +369,7 @@ def _record(model: CausalLM, desc: ModelSlimDescription, quantized: list[str]) -
                       quantize_lm_head="lm_head" in quantized)
     record = {"scheme": desc.scheme, "group_size": cfg.group_size, "config": cfg.to_dict(),
               "smoothquant": None, "calibration": None, "quantized_linears": len(quantized),
-              "float_modules": kept + ["model.embed_tokens"],
+              "float_modules": float_modules(model),
               "source": "msmodelslim", "model_quant_type": desc.model_quant_type}
     logger.info("Loaded msModelSlim %s checkpoint: %d quantized linears (kept in %s: %s)",
                 desc.model_quant_type, len(quantized), str(model.dtype).removeprefix("torch."),
