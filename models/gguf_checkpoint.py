@@ -2,10 +2,13 @@
 
 Config, tokenizer and chat template come from the file's metadata through
 transformers' GGUF support, so they match what `from_pretrained(...,
-gguf_file=...)` builds. Weights are read with the `gguf` library: each tensor
-is dequantized to float32 on its own, renamed to its Hugging Face name and
-handed to the loader, which casts it into the model; the file itself stays
-memory-mapped, so no second copy of the weights is ever held.
+gguf_file=...)` builds (except where models/gguf_archs.py says transformers
+gets an architecture's config wrong). Weights are read with the `gguf`
+library: each tensor is dequantized to float32 on its own, renamed to its
+name in the family's Hugging Face checkpoint, its rows put back where
+llama.cpp's converter moved them, and handed to the loader, which casts it
+into the model; the file itself stays memory-mapped, so no second copy of the
+weights is ever held.
 
 `gguf` and transformers are imported inside the methods that need them.
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-GGUF_MAGIC = b"GGUF"
+from aotllm.models.gguf_archs import ARCHS, GGUFArch, grouped_qkv, unpermute_rotary
 
-# general.architecture -> whether llama.cpp's converter permuted the q/k rows.
-# It does so for "llama" (Mistral models are written as "llama" too) to turn
-# Hugging Face's rotate-half rotary layout into GGML's adjacent pairs; qwen2 is
-# written unpermuted (its llama.cpp graph uses NEOX rotary). "mistral" is not
-# a llama.cpp arch; transformers reads it unpermuted, and so do we.
-SUPPORTED_ARCHS: dict[str, bool] = {"llama": True, "mistral": False, "qwen2": False}
+GGUF_MAGIC = b"GGUF"
 
 # Tensor types gguf.quants dequantizes that we accept (names of GGMLQuantizationType).
 # The exotic ones (IQ*, TQ*, ...) are left out: untested, and slow in numpy.
@@ -37,27 +34,6 @@ SUPPORTED_TENSOR_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )
-
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-# Derived tensors some converters write; the model computes them from its config.
-_IGNORED = {"rope_freqs"}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 
 # Bytes read from each end of the file for the content hash.
 _HASH_EDGE = 1 << 20
@@ -69,35 +45,6 @@ def is_gguf_file(path: str | Path) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama-style GGUF tensor; None for derived ones."""
-    if m := _LAYER_RE.fullmatch(gguf_name):
-        layer, part, kind = m.groups()
-        if part in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
-    elif m := _GLOBAL_RE.fullmatch(gguf_name):
-        part, kind = m.groups()
-        if part in _IGNORED:
-            return None
-        if part in _GLOBAL_NAMES:
-            return f"{_GLOBAL_NAMES[part]}.{kind}"
-    raise ValueError(
-        f"GGUF tensor {gguf_name!r} has no counterpart in the llama/qwen2/mistral decoder; "
-        "the file is not a plain llama-style model"
-    )
-
-
-def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k permutation (rows of a weight, or a bias).
-
-    Its converter viewed each head's rows as [2, head_dim/2] (the two rotary
-    halves) and transposed them to [head_dim/2, 2]; transposing back restores
-    the Hugging Face row order.
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 class GGUFCheckpoint:
@@ -161,25 +108,39 @@ class GGUFCheckpoint:
             return bytes(part).decode("utf-8")
         return part.tolist()[0]
 
-    def architecture(self) -> str:
+    def architecture(self) -> GGUFArch:
         arch = self._field("general.architecture")
-        if arch not in SUPPORTED_ARCHS:
+        if arch not in ARCHS:
             raise ValueError(
                 f"{self.path} holds a GGUF model of architecture {arch!r}; aotllm reads GGUF "
-                f"architectures {', '.join(sorted(SUPPORTED_ARCHS))}. Use the model's Hugging "
+                f"architectures {', '.join(sorted(ARCHS))}. Use the model's Hugging "
                 "Face safetensors checkpoint instead, if its architecture is supported."
             )
-        return arch
+        return ARCHS[arch]
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        # GGUF lists dims fastest-first; torch wants [out, in].
+        return {t.name: tuple(int(d) for d in reversed(t.shape.tolist()))
+                for t in self.reader.tensors}
 
     def raw_config(self) -> dict[str, Any]:
         from transformers import AutoConfig
 
         from aotllm.models.registry import architecture_for_model_type
 
-        self.architecture()  # refuse other archs with our message, before transformers'
+        arch = self.architecture()  # refuse other archs with our message, before transformers'
+        if arch.config is not None:
+            return arch.config(self._field, self._shapes())
         config = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         # transformers' private keys (_name_or_path, ...) are not part of a config.json.
         raw = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+        # llama.cpp's converter writes head_dim as key_length, which transformers
+        # reads for no dense arch (Qwen3's config class would default it to 128).
+        if (head_dim := self._field(f"{arch.name}.attention.key_length")) is not None:
+            raw["head_dim"] = head_dim
+        # No metadata says whether attention has biases (Llama, Qwen3); the tensors do.
+        if "attention_bias" in raw:
+            raw["attention_bias"] = "blk.0.attn_q.bias" in self._shapes()
         # A GGUF names no HF class; the model_type transformers derived picks it.
         arch = architecture_for_model_type(raw.get("model_type", ""))
         if arch is not None:
@@ -216,24 +177,24 @@ class GGUFCheckpoint:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         from gguf.quants import dequantize
 
-        permuted = SUPPORTED_ARCHS[self.architecture()]
-        arch = self._field("general.architecture")
-        n_head = self._field(f"{arch}.attention.head_count")
-        n_kv = self._field(f"{arch}.attention.head_count_kv", n_head)
+        arch = self.architecture()
+        n_head = self._field(f"{arch.name}.attention.head_count")
+        n_kv = self._field(f"{arch.name}.attention.head_count_kv", n_head)
+        shapes = self._shapes()
         self._check_tensor_types()  # all of them, before any work is done
         for t in self.reader.tensors:
-            name = hf_tensor_name(t.name)
+            name = arch.hf_name(t.name, shapes)
             if name is None:
                 continue
-            # GGUF lists dims fastest-first; torch wants [out, in].
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             data = dequantize(t.data, t.tensor_type)
             # F32 comes back as a read-only view of the memory map: copy that one.
-            w = torch.from_numpy(np.require(data, np.float32, ["C", "W"])).reshape(shape)
-            if permuted and ".self_attn.q_proj." in name:
+            w = torch.from_numpy(np.require(data, np.float32, ["C", "W"])).reshape(shapes[t.name])
+            if arch.permuted_qk and ".self_attn.q_proj." in name:
                 w = unpermute_rotary(w, n_head)
-            elif permuted and ".self_attn.k_proj." in name:
+            elif arch.permuted_qk and ".self_attn.k_proj." in name:
                 w = unpermute_rotary(w, n_kv)
+            elif arch.contiguous_qkv and ".query_key_value." in name:
+                w = grouped_qkv(w, n_head, n_kv)
             yield name, w
 
     # -- tokenizer --------------------------------------------------------------
