@@ -47,6 +47,14 @@ class ModelConfig:
     # Mixture of experts (Mixtral): experts per layer, experts per token.
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    # Qwen's MoE families: each expert's width (0: intermediate_size), whether
+    # the top-k routing weights are renormalised to sum to 1 (Mixtral: always),
+    # a shared expert of this width behind a sigmoid gate (0: none), and the
+    # layers that keep a dense MLP of intermediate_size.
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()
     # Rope parameters for a family whose config.json spells them its own way
     # (ChatGLM's rope_ratio); None: read from hf_config.
     rope_override: dict[str, Any] | None = None
@@ -56,12 +64,14 @@ class ModelConfig:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         attn += self.num_heads * self.head_dim * h
-        mlp = (3 if self.gated_mlp else 2) * h * i
-        if self.num_experts:
-            mlp = mlp * self.num_experts + h * self.num_experts
-        per_layer = attn + mlp + 2 * h
+        dense = (3 if self.gated_mlp else 2) * h * i
+        moe = 3 * h * (self.moe_intermediate_size or i) * self.num_experts + h * self.num_experts
+        if self.shared_expert_intermediate_size:
+            moe += 3 * h * self.shared_expert_intermediate_size + h
+        n_moe = self.num_layers - len(self.dense_layers) if self.num_experts else 0
+        mlp = n_moe * moe + (self.num_layers - n_moe) * dense
         head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_layers * per_layer + h + head
+        return v * h + self.num_layers * (attn + 2 * h) + mlp + h + head
 
     @property
     def rope_parameters(self) -> dict[str, Any]:

@@ -125,7 +125,7 @@ class DecoderLayer(nn.Module):
         self.kind = config.layer_kind
         h = config.hidden_size
         self.self_attn = Attention(config, layer_idx, ops, dtype)
-        if config.num_experts:
+        if config.num_experts and layer_idx not in config.dense_layers:
             from aotllm.models.moe import SparseMoE
 
             self.mlp = SparseMoE(config, ops, dtype)
@@ -183,11 +183,13 @@ class DecoderLayer(nn.Module):
             groups = [(_norm_tensors(self.input_layernorm), [qkv])]
             if dense:
                 groups.append((_norm_tensors(self.post_attention_layernorm), [self.mlp.in_proj]))
-        if dense and self.mlp.gated:
-            mlp = self.mlp.gate_up_proj
-            i = self.mlp.intermediate_size
-            up = [mlp.weight[i:]] + ([mlp.bias[i:]] if mlp.bias is not None else [])
-            groups.append((up, [self.mlp.down_proj]))
+        # A MoE layer's shared expert is a dense MLP, inside which up -> down folds too.
+        mlp = self.mlp if dense else getattr(self.mlp, "shared_expert", None)
+        if mlp is not None and mlp.gated:
+            i = mlp.intermediate_size
+            gate_up = mlp.gate_up_proj
+            up = [gate_up.weight[i:]] + ([gate_up.bias[i:]] if gate_up.bias is not None else [])
+            groups.append((up, [mlp.down_proj]))
         return groups
 
 

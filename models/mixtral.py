@@ -23,7 +23,12 @@ def _mixtral(raw: dict[str, Any]) -> ModelConfig:
 
 
 class MixtralForCausalLM(CausalLM):
-    renames = ((r"\.mlp\.", ".block_sparse_moe."),)
+    renames = (
+        (r"\.mlp\.", ".block_sparse_moe."),
+        (r"(\.experts\.\d+)\.gate_proj\.", r"\1.w1."),
+        (r"(\.experts\.\d+)\.up_proj\.", r"\1.w3."),
+        (r"(\.experts\.\d+)\.down_proj\.", r"\1.w2."),
+    )
 
 
 SPECS = [ModelSpec("MixtralForCausalLM", ("mixtral",), _mixtral, MixtralForCausalLM)]

@@ -1,4 +1,6 @@
-"""Routed experts with static shapes (Mixtral's sparse MoE block).
+"""Routed experts with static shapes (Mixtral's sparse MoE block; Qwen2-MoE's
+adds a shared expert behind a sigmoid gate, Qwen3-MoE's is Mixtral's with
+optional renormalisation of the top-k weights).
 
 The expert matrices are stacked per layer ([E, 2I, H] gate/up, [E, H, I]
 down). Each bucket graph is traced for a fixed number of tokens N, so the
@@ -11,8 +13,9 @@ path is chosen at trace time from N:
   the results are combined with routing weights that are zero for experts a
   token did not choose. Each expert's weights are read once per step.
 
-Routing stays float (the router is not a `Linear`, so quantize/ leaves it
-alone), as do the experts.
+Routing stays float (the router and the shared expert's gate are not
+`Linear`s, so quantize/ leaves them alone), as do the experts. The shared
+expert is a dense MLP of `Linear`s and quantizes like one.
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ class Experts(nn.Module):
         self.down = _empty(num_experts, hidden_size, intermediate_size, dtype=dtype)
 
     def weight_shards(self, prefix: str) -> dict[str, Shard]:
-        """Mixtral's per-expert w1 (gate), w3 (up), w2 (down) into the stacks."""
+        """Each expert's gate_proj, up_proj, down_proj (Qwen's names; Mixtral's
+        file renames them to w1, w3, w2) into the stacks."""
         i = self.intermediate_size
         out = {}
         for e in range(self.num_experts):
-            out[f"{prefix}.{e}.w1.weight"] = Shard(f"{prefix}.gate_up", expert=e, start=0, size=i)
-            out[f"{prefix}.{e}.w3.weight"] = Shard(f"{prefix}.gate_up", expert=e, start=i, size=i)
-            out[f"{prefix}.{e}.w2.weight"] = Shard(f"{prefix}.down", expert=e)
+            out[f"{prefix}.{e}.gate_proj.weight"] = Shard(f"{prefix}.gate_up", expert=e, start=0,
+                                                          size=i)
+            out[f"{prefix}.{e}.up_proj.weight"] = Shard(f"{prefix}.gate_up", expert=e, start=i,
+                                                        size=i)
+            out[f"{prefix}.{e}.down_proj.weight"] = Shard(f"{prefix}.down", expert=e)
         return out
 
 
@@ -58,19 +64,29 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
+        self.norm_topk_prob = config.norm_topk_prob
         self.gate = Router(config.hidden_size, config.num_experts, dtype)
         self.experts = Experts(config.num_experts, config.hidden_size,
-                               config.intermediate_size, dtype)
+                               config.moe_intermediate_size or config.intermediate_size, dtype)
         self.act = ACT2FN[config.hidden_act]
+        if config.shared_expert_intermediate_size:
+            from aotllm.models.decoder import MLP
+
+            self.shared_expert = MLP(config, ops, dtype, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = Router(config.hidden_size, 1, dtype)  # one logit per token
+        else:
+            self.shared_expert = None
         # The row count at which forward changes path, for graphs whose row
         # count is dynamic (compiler/shape_groups.py keeps each on one side).
         self.row_thresholds = (("<=", self.num_experts // self.top_k),)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, H] -> (weights [N, k], expert ids [N, k]): softmax, top-k, renormalised."""
+        """[N, H] -> (weights [N, k], expert ids [N, k]): softmax, top-k, renormalised
+        where the family says so."""
         probs = torch.softmax(F.linear(x, self.gate.weight).float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +97,9 @@ class SparseMoE(nn.Module):
             out = self._gathered(x, weights, ids)
         else:
             out = self._all_experts(x, weights, ids)
+        if self.shared_expert is not None:
+            gate = torch.sigmoid(F.linear(x, self.shared_expert_gate.weight))
+            out = out + gate * self.shared_expert(x)
         return out.view(shape)
 
     def _gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ _FAMILY_MODULES: dict[str, str] = {
     "ChatGLMModel": "glm",
     "FalconForCausalLM": "falcon",
     "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen_moe",
+    "Qwen3MoeForCausalLM": "qwen_moe",
 }
 SUPPORTED = tuple(sorted(_FAMILY_MODULES))
 

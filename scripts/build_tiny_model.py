@@ -54,7 +54,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "glm", "glm4", "falcon", "mixtral")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "glm", "glm4", "falcon", "mixtral",
+            "qwen2_moe", "qwen3_moe")
 DTYPES = ("float32", "float16", "bfloat16")
 
 # tokenizer_vocab_size is the BPE training target; the corpus caps what is
@@ -106,15 +107,20 @@ _FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "glm4": {},
     "falcon": {"alibi": False},
     "mixtral": {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # Experts narrower than the dense MLP, as in the released models.
+    "qwen2_moe": {"use_sliding_window": False, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "shared_expert_intermediate_size": 96},
+    "qwen3_moe": {"use_sliding_window": False, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32},
 }
 # Families whose config class spells the common fields differently (None: has no such field).
 _FIELD_NAMES: dict[str, dict[str, str | None]] = {
     "falcon": {"num_key_value_heads": "num_kv_heads", "intermediate_size": "ffn_hidden_size",
                "rms_norm_eps": "layer_norm_epsilon", "hidden_act": None},
 }
-_HEAD_DIM_FAMILIES = ("qwen3", "glm", "glm4")
+_HEAD_DIM_FAMILIES = ("qwen3", "glm", "glm4", "qwen3_moe")
 # Families whose tokenizer transformers 5 rebuilds as Qwen2Tokenizer (NFC normalised).
-_NFC_FAMILIES = ("qwen2", "qwen3")
+_NFC_FAMILIES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Read by every family's modeling code (via getattr) although not every config
 # class declares it.
@@ -179,7 +185,8 @@ def _config_class(family: str) -> type:
 
     classes = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig,
                "qwen3": tf.Qwen3Config, "glm": tf.GlmConfig, "glm4": tf.Glm4Config,
-               "falcon": tf.FalconConfig, "mixtral": tf.MixtralConfig}
+               "falcon": tf.FalconConfig, "mixtral": tf.MixtralConfig,
+               "qwen2_moe": tf.Qwen2MoeConfig, "qwen3_moe": tf.Qwen3MoeConfig}
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; choose one of {list(FAMILIES)}")
     return classes[family]

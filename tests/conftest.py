@@ -57,6 +57,16 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "mixtral-top2": ("mixtral", {}),
     "mixtral-top1-mqa-tied": ("mixtral", {"num_local_experts": 3, "num_experts_per_tok": 1,
                                           "num_key_value_heads": 1, "tie_word_embeddings": True}),
+    # Qwen's MoE: a shared expert behind a sigmoid gate, top-k weights not
+    # renormalised; a dense MLP layer among the MoE layers (and the other way round).
+    "qwen2-moe-shared": ("qwen2_moe", {}),
+    "qwen2-moe-dense-layer-tied": ("qwen2_moe", {"mlp_only_layers": [1], "norm_topk_prob": True,
+                                                 "num_key_value_heads": 1,
+                                                 "tie_word_embeddings": True}),
+    "qwen3-moe-norm-topk": ("qwen3_moe", {"norm_topk_prob": True}),
+    "qwen3-moe-sparse-step-mqa-bias": ("qwen3_moe", {"decoder_sparse_step": 2,
+                                                     "num_key_value_heads": 1,
+                                                     "attention_bias": True}),
     # Remote-code layouts (tests/remote_code.py), each compared with the
     # transformers model of the same network.
     "internlm2-gqa-bias": ("internlm2", {"attention_bias": True}),

@@ -17,18 +17,21 @@ from aotllm.quantize.config import QuantConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# variant -> smoothing groups per layer: (norm -> qkv), (norm -> gate/up),
-# (up rows -> down) where the layout has them.
+# variant -> (smoothing groups, quantized linears) per layer. Groups: (norm ->
+# qkv), (norm -> gate/up), (up rows -> down) where the layout has them;
+# linears: qkv, o, and a dense MLP's (or a shared expert's) in and down.
 VARIANTS = {
-    "qwen3-mqa-bias-tied": 3,
-    "glm-gqa-bias": 3,
-    "glm4-mqa-tied": 3,  # sandwich: post_attention_layernorm still feeds gate/up alone
-    "chatglm-mqa-bias": 3,
-    "internlm2-gqa-bias": 3,
-    "falcon-mqa": 1,  # one LayerNorm read by qkv and up together; GELU: no up -> down
-    "falcon-newarch-bias-tied": 2,  # ln_attn -> qkv, ln_mlp -> up
-    "falcon-mha-sequential": 2,
-    "mixtral-top2": 1,  # experts are no Linears: only input_layernorm -> qkv
+    "qwen3-mqa-bias-tied": (3, 4),
+    "glm-gqa-bias": (3, 4),
+    "glm4-mqa-tied": (3, 4),  # sandwich: post_attention_layernorm still feeds gate/up alone
+    "chatglm-mqa-bias": (3, 4),
+    "internlm2-gqa-bias": (3, 4),
+    "falcon-mqa": (1, 4),  # one LayerNorm read by qkv and up together; GELU: no up -> down
+    "falcon-newarch-bias-tied": (2, 4),  # ln_attn -> qkv, ln_mlp -> up
+    "falcon-mha-sequential": (2, 4),
+    "mixtral-top2": (1, 2),  # experts are no Linears: only input_layernorm -> qkv
+    "qwen2-moe-shared": (2, 4),  # the shared expert's up -> down folds; its linears quantize
+    "qwen3-moe-norm-topk": (1, 2),
 }
 PROMPTS = ("The lighthouse keeper climbed the stairs at dawn to check the lamp.",
            "def add(a, b):\n    return a + b  # 42 apples, 7 pears")
@@ -60,7 +63,7 @@ def test_smoothquant_folding_leaves_the_float_model_unchanged(tiny_models, varia
     calib = tokenizer.encode(read_calibration_text(None).text)[:2048]
     stats = collect_input_absmax(model, calib, names)
     norms = {n: p.clone() for n, p in model.named_parameters() if "norm" in n and p.dim() == 1}
-    assert smooth(model, stats, 0.5) == VARIANTS[variant] * model.config.num_layers
+    assert smooth(model, stats, 0.5) == VARIANTS[variant][0] * model.config.num_layers
     # The fold moved something (every pre-branch norm, biases included) ...
     changed = {n for n, p in model.named_parameters() if n in norms and not torch.equal(p, norms[n])}
     assert "model.layers.0.input_layernorm.weight" in changed
@@ -79,8 +82,7 @@ def test_quantized_logits_stay_close_to_float(tiny_models, variant, scheme):
     ref = _logits(model, tokenizer)
     record = quantize_model(model, QuantConfig(scheme, calibration_tokens=2048), tokenizer)
     c = model.config
-    linears_per_layer = 2 if c.num_experts else 4  # qkv, o (+ gate/up or up, down)
-    assert record["quantized_linears"] == linears_per_layer * c.num_layers
+    assert record["quantized_linears"] == VARIANTS[variant][1] * c.num_layers
     assert isinstance(model.lm_head, Linear) and "lm_head" in record["float_modules"]
     if c.num_experts:  # what the schemes leave float in a MoE layer, said in the manifest
         for i in range(c.num_layers):
