@@ -99,3 +99,29 @@ def test_quantized_logits_stay_close_to_float(tiny_models, variant, scheme):
     # Random tiny models have near-ties: the float model's choice stays among the top 3.
     top3 = got.topk(3, dim=-1).indices
     assert (top3 == ref.argmax(-1, keepdim=True)).any(-1).all()
+
+
+@pytest.mark.slow
+def test_compiled_w8a8_falcon_equals_the_eager_quantized_model(artifacts, tiny_models):
+    """A quantized family beyond Llama compiles into buckets and serves: Falcon
+    (LayerNorm biases folded, parallel branches, GELU MLP, linear biases) as
+    w8a8, one layer, against the eager engine quantizing the same checkpoint."""
+    from aotllm import LLM, SamplingParams
+    from aotllm.graphs.manifest import Manifest
+    from tests.test_families import FAMILY_PLAN, ONE_LAYER
+
+    variant = "falcon-newarch-bias-tied"
+    path = artifacts.get(variant, "float32", quantization="w8a8", model_kwargs=ONE_LAYER,
+                         **FAMILY_PLAN)
+    record = Manifest.read(path).quantization
+    assert record["quantized_linears"] == 4 and record["smoothquant"]["groups_folded"] == 2
+    eager = LLM(str(tiny_models.get(variant, **ONE_LAYER)), dtype="float32", quantization="w8a8",
+                enforce_eager=True, block_size=16, max_model_len=64, max_num_seqs=2)
+    g = torch.Generator().manual_seed(5)
+    vocab = eager.llm_engine.vocab_size
+    prompts = [{"prompt_token_ids": torch.randint(5, vocab, (n,), generator=g).tolist()}
+               for n in (3, 30, 17)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    got, want = ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+                 for llm in (LLM(str(path)), eager))
+    assert got == want
