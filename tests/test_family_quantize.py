@@ -88,6 +88,9 @@ def test_quantized_logits_stay_close_to_float(tiny_models, variant, scheme):
         for i in range(c.num_layers):
             assert {f"model.layers.{i}.mlp.gate",
                     f"model.layers.{i}.mlp.experts"} <= set(record["float_modules"])
+            shared_gate = f"model.layers.{i}.mlp.shared_expert_gate"
+            assert (shared_gate in record["float_modules"]) == bool(
+                c.shared_expert_intermediate_size)
     got = _logits(model, tokenizer)
     # Relative L2 error of the logits: int8 per-channel weights keep it near 2%
     # on these models, per-tensor static activations near 5%; a wrong shard,
