@@ -110,13 +110,15 @@ def test_greedy_tokens_match_transformers_generate(variant, llm_for):
         assert out.outputs[0].finish_reason == "length"
 
 
-# One config per family (the eager runner batches rows of different lengths).
+# One config per family (the eager runner batches rows of different lengths;
+# the MoE families route padding tokens of short rows beside real ones).
 BATCHED_VARIANTS = ["llama-gqa", "qwen3-gqa", "glm4-mqa-tied", "falcon-newarch-bias-tied",
-                    "mixtral-top2", "internlm2-gqa-bias", "chatglm-mqa-bias"]
+                    "mixtral-top2", "qwen2-moe-shared", "qwen3-moe-norm-topk",
+                    "internlm2-gqa-bias", "chatglm-mqa-bias"]
 
 
 @pytest.mark.parametrize("name", BATCHED_VARIANTS)
-def test_batched_equals_one_at_a_time(llm_for, name):
+def test_batched_equals_one_at_a_time(llm_for, name, one_thread):
     llm = llm_for(name)
     vocab = llm.llm_engine.vocab_size
     lengths = [3, 30, 11, 1, 25, 8, 17, 40]
