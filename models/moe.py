@@ -113,11 +113,16 @@ class SparseMoE(nn.Module):
 
     def _all_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         i = self.experts.intermediate_size
-        combine = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-        combine = combine.scatter(1, ids, weights)  # [N, E], zero where not chosen
-        out = torch.zeros_like(x)
+        # [N, E], zero where not chosen, built from a one-hot of the ids rather
+        # than scattered into zeros: an exporter folds a zeros tensor into an
+        # [N, E] constant per graph (ONNX), where this keeps only arange(E).
+        # Exactly scatter's values: each entry sums one weight and k - 1 zeros.
+        experts = torch.arange(self.num_experts, device=x.device)
+        combine = ((ids.unsqueeze(-1) == experts).to(x.dtype) * weights.unsqueeze(-1)).sum(dim=1)
+        out = None  # not zeros_like(x): that folds into an [N, H] constant the same way
         for e in range(self.num_experts):
             h = F.linear(x, self.experts.gate_up[e])
             y = F.linear(self.act(h[:, :i]) * h[:, i:], self.experts.down[e])
-            out = out + y * combine[:, e : e + 1]
+            y = y * combine[:, e : e + 1]
+            out = y if out is None else out + y
         return out

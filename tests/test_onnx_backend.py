@@ -318,3 +318,22 @@ def test_each_graph_file_runs_on_its_own(art, compiled):
     assert torch.allclose(torch.from_numpy(logits), want, atol=1e-5)
     for a, b in zip(new_kv, kv_bound):
         assert torch.equal(torch.from_numpy(a), b)
+
+
+# One 1-layer config per family beyond Llama: the parts ONNX export could trip
+# on are a family's own (Qwen3's q/k norms, Glm4's sandwich norms and partial
+# rotary, InternLM2's dynamic rope, Falcon's LayerNorm with bias and parallel
+# branches, the MoE router, expert gather at decode and all-experts prefill,
+# Qwen2-MoE's gated shared expert).
+ONNX_FAMILY_VARIANTS = ["qwen3-gqa", "glm4-mqa-tied", "internlm2-mqa-dynamic",
+                        "falcon-newarch-bias-tied", "qwen2-moe-shared"]
+
+
+@pytest.mark.parametrize("variant", ONNX_FAMILY_VARIANTS)
+def test_family_artifact_matches_eager(variant, artifacts, tiny_models, one_thread):
+    from tests.test_families import FAMILY_PLAN, ONE_LAYER, check_family_artifact
+
+    art = artifacts.get(variant, "float32", backend="onnx", model_kwargs=ONE_LAYER,
+                        **FAMILY_PLAN)
+    assert Manifest.read(art).backend == "onnx"
+    check_family_artifact(art, variant, tiny_models)
