@@ -12,6 +12,17 @@ of these calls to GE IR, and their numerics run eagerly against CPU
 reference kernels written from the ops' documentation. Not verified here:
 the NPU kernels themselves (needs an Ascend host with CANN).
 
+What the families beyond Llama add goes through torchair's aten converters,
+not through this layer (checked off-device for one 1-layer config per family):
+LayerNorm with bias (Falcon) is `F.layer_norm` in models/layers.py, converted
+to LayerNormV4; a partial rotary (GLM) is the full-width rotate-half op with
+frequency 0 on the pass-through pairs, so cos 1 / sin 0 leave them as they
+are; dynamic rope computes inv_freq from context_lens with plain arithmetic;
+the MoE router (softmax, top-k), the gathered experts (index into the frozen
+stacks, batched matmuls) and the all-experts prefill are plain ops too. No
+fused NPU MoE kernel (npu_moe_gating_top_k_softmax, npu_grouped_matmul) is
+used: that would be a speed change, and one this host cannot check.
+
 Weight layout: the NPU matmuls take int8 weights as [in, out] (K, N), the
 transpose of msModelSlim's [out, in]. `to_npu_weight_layout(model)` relayouts
 a quantized model's buffers once, before compile; NpuOps expects that layout.

@@ -100,10 +100,11 @@ class Case:
 def cases(torchair, tiny_models):
     built = {}
 
-    def get(name, scheme, dtype="bfloat16"):
-        if (name, scheme, dtype) not in built:
-            built[(name, scheme, dtype)] = Case(tiny_models.get(name), scheme, dtype)
-        return built[(name, scheme, dtype)]
+    def get(name, scheme, dtype="bfloat16", **model_kwargs):
+        key = (name, scheme, dtype, json.dumps(model_kwargs, sort_keys=True))
+        if key not in built:
+            built[key] = Case(tiny_models.get(name, **model_kwargs), scheme, dtype)
+        return built[key]
 
     return get
 
@@ -300,6 +301,70 @@ def test_ge_eager_numerics(cases, model, scheme, bucket_spec, one_thread):
         # quantized qkv projections: codes flip there as described.
         a, e = a[:, 1:].float(), e[:, 1:].float()
         torch.testing.assert_close(a, e, rtol=0.03, atol=0.03 * e.abs().max().item())
+
+
+# --- one config per family beyond Llama --------------------------------------
+
+# 1-layer configs: what a family adds to the graph is its own layer code.
+# Qwen3's q/k norms, Glm4's sandwich norms and partial rotary (frequency-0
+# pairs: the same rotate-half op), InternLM2's dynamic rope (inv_freq from
+# context_lens in the graph), Falcon's LayerNorm with bias (no NPU op in the
+# ops layer: torchair's own aten converter, LayerNormV4) and GELU MLP, the MoE
+# router (softmax, top-k), the all-experts prefill and the gathered-experts
+# decode (IndexByTensor on the frozen expert stacks), Qwen2-MoE's sigmoid-gated
+# shared expert.
+FAMILY_MODELS = ("qwen3-gqa", "glm4-mqa-tied", "internlm2-mqa-dynamic",
+                 "falcon-newarch-bias-tied", "mixtral-top2", "qwen2-moe-shared")
+ONE_LAYER = {"num_hidden_layers": 1}
+# Prefill of 16 tokens runs every expert (16 * top-2 > 4 experts); decode of 2
+# rows gathers the chosen ones (2 * 2 <= 4).
+FAMILY_BUCKETS = (("prefill", 1, 16), ("decode", 2, 1))
+FAMILY_PARAMS = [pytest.param(m, b, id=f"{m}-{b[0]}{b[1]}x{b[2]}")
+                 for m in FAMILY_MODELS for b in FAMILY_BUCKETS]
+
+
+@pytest.mark.parametrize("model,bucket_spec", FAMILY_PARAMS)
+def test_family_ge_ir(cases, model, bucket_spec):
+    """The family's bucket graph converts to GE IR (no unimplemented
+    converter), with the NPU attention, KV write and rotary, one norm op per
+    norm module (RmsNorm, or LayerNormV4 for LayerNorm with bias), and no
+    decomposed attention: the only softmax is each MoE router's."""
+    from aotllm.models.layers import LayerNorm, RMSNorm
+    from aotllm.models.moe import SparseMoE
+
+    case = cases(model, None, **ONE_LAYER)
+    graph, _, meta_model = case.ir(_bucket(bucket_spec))
+    types = Counter(op.type for op in graph.op)
+    layers = case.spec.num_layers
+    assert layers == 1
+    modules = list(case.ref.modules())
+
+    def count(kind):
+        return sum(isinstance(m, kind) for m in modules)
+
+    assert types["FusedInferAttentionScore"] == layers
+    assert types["ScatterNdUpdate"] == layers
+    assert types["ApplyRotaryPosEmb"] == layers
+    assert types["RmsNorm"] == count(RMSNorm)
+    assert types["LayerNormV4"] == count(LayerNorm)
+    assert types["SoftmaxV2"] == count(SparseMoE)
+    assert not (DECOMPOSED - {"SoftmaxV2"}) & set(types), types
+    if count(SparseMoE) and bucket_spec[0] == "decode":
+        # The chosen experts' matrices (gate/up and down) gathered by index.
+        assert types["IndexByTensor"] >= 1 + 2 * count(SparseMoE), types
+    # Every weight is a frozen input (as test_ge_ir checks in full for Llama).
+    assert not list(meta_model.buffers())
+
+
+@pytest.mark.parametrize("model,bucket_spec", FAMILY_PARAMS)
+def test_family_ge_eager_numerics_fp32(cases, model, bucket_spec, one_thread):
+    """The converted graph run eagerly with the CPU reference kernels of the
+    NPU ops == the TorchOps model (float32; as test_ge_eager_numerics_fp32)."""
+    case = cases(model, None, "float32", **ONE_LAYER)
+    got, want, npu_kv, ref_kv, _ = _run_both(case, bucket_spec)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    for a, e in zip(npu_kv, ref_kv):
+        torch.testing.assert_close(a[:, 1:], e[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 def _air_graph(path):
