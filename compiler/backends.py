@@ -47,6 +47,10 @@ class GraphBackend(Protocol):
     # model for capture when that is not `torch.device(cfg.device)` (the GE
     # backend: the NPU device type exists only once torch_npu is imported).
 
+    # Optional: `check_model(config: ModelConfig) -> None`, raising (ValueError)
+    # before the weights load when the backend cannot build this model (a
+    # family feature its ops layer lacks), naming the feature and the backend.
+
     # Optional: `graph_groups(buckets, model=, quant=) -> [(graph bucket,
     # buckets it serves)]` when one graph serves several buckets (GE's
     # dimension gears, Inductor's --dynamic-shapes groups); the pipeline

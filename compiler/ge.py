@@ -112,6 +112,18 @@ class GeBackend:
                 "--num-gpu-blocks-override N (the serving host must allocate exactly N blocks)"
             )
 
+    def check_model(self, config) -> None:
+        """What NpuOps cannot build yet, refused before any work (traced, it
+        would surface as a graph break deep inside torch.compile)."""
+        windows = sorted({w for w in config.sliding_windows if w is not None})
+        if windows:
+            raise ValueError(
+                f"--backend ge cannot compile {config.architecture} with sliding-window "
+                f"attention (sliding_window {windows[0]}): NpuOps does not use "
+                "FusedInferAttentionScore's band mode yet. Use --backend inductor or "
+                "--backend onnx for this model"
+            )
+
     def traits(self) -> BackendTraits:
         # The weights file is bound to each graph's frozen inputs at load time,
         # one copy for all buckets.

@@ -47,6 +47,7 @@ from aotllm.graphs.manifest import (
     sha256_file,
 )
 from aotllm.models.checkpoint import open_checkpoint
+from aotllm.models.config import ModelConfig
 from aotllm.models.int8_kernels import w8a8_kernel, w8a16_kernel
 from aotllm.quantize.load import load_quantized
 
@@ -123,6 +124,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     device = load_device() if load_device is not None else torch.device(cfg.device)
     device_type = supported_device_type(cfg.device)
 
+    check_model = getattr(backend, "check_model", None)
+    if check_model is not None:  # from config.json alone: before the weights load
+        check_model(ModelConfig.from_hf_dict(source.raw_config()))
     # Checked before loading (fail fast), and after for a pre-quantized
     # msModelSlim checkpoint, whose scheme is known only once it is read.
     if cfg.quantization is not None:

@@ -367,6 +367,23 @@ def test_family_ge_eager_numerics_fp32(cases, model, bucket_spec, one_thread):
         torch.testing.assert_close(a[:, 1:], e[:, 1:], rtol=1e-5, atol=1e-5)
 
 
+def test_sliding_window_is_refused_before_loading(torchair, tiny_models, tmp_path, monkeypatch):
+    """NpuOps has no sliding-window attention: `--backend ge` on Mistral with a
+    window says so, naming the model and the backend, before any work."""
+    from aotllm.compiler import backends
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+
+    monkeypatch.setitem(backends.BACKENDS, "ge", f"{__name__}:OffDeviceGe")
+    out = tmp_path / "a"
+    cfg = CompileConfig(model=str(tiny_models.get("mistral-window")), output=str(out),
+                        backend="ge", device="npu", num_gpu_blocks_override=NUM_BLOCKS)
+    with pytest.raises(ValueError, match=r"--backend ge cannot compile MistralForCausalLM "
+                                         r"with sliding-window attention \(sliding_window 24\)"):
+        compile_artifact(cfg)
+    assert not out.exists()
+
+
 def _air_graph(path):
     from torchair._ge_concrete_graph.ge_ir_pb2 import ModelDef
 
