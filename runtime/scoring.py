@@ -37,6 +37,10 @@ class ScoreResult:
     nll: float  # summed negative log-likelihood (nats)
     predictions: list[int]  # argmax of the logits at each scored position, in order
     targets: list[int]  # the token each position was scored against
+    # top-1 minus top-2 logit at each position: how decisively the model
+    # chose, so a comparison of two artifacts can tell real disagreements
+    # from near-ties that rounding alone flips.
+    margins: list[float]
     num_windows: int
     window: int  # the most tokens one window held
 
@@ -47,6 +51,24 @@ class ScoreResult:
     @property
     def perplexity(self) -> float:
         return math.exp(self.mean_nll)
+
+
+# Two bf16 ulps at the logits' typical magnitude (16-32, ulp 0.125): where a
+# bf16 reference's top two logits are closer than this, rounding alone picks
+# its winner.
+BF16_NEAR_TIE = 0.25
+
+
+def top1_agreement(a: ScoreResult, ref: ScoreResult, min_margin: float = float("-inf")
+                   ) -> tuple[float, int]:
+    """Share of positions where `a` and `ref` predict the same next token,
+    over the positions where `ref`'s top two logits are more than
+    `min_margin` apart; and how many positions those are."""
+    if a.targets != ref.targets:
+        raise ValueError("the two scores are of different token sequences")
+    kept = [x == y for x, y, m in zip(a.predictions, ref.predictions, ref.margins)
+            if m > min_margin]
+    return (sum(kept) / len(kept) if kept else float("nan")), len(kept)
 
 
 def split_windows(num_tokens: int, window: int) -> list[tuple[int, int]]:
@@ -69,6 +91,7 @@ class _Row:
     fed: int = 0  # tokens already run through the model
     nll: float = 0.0
     predictions: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -153,10 +176,13 @@ def score_tokens(
             targets = torch.tensor([r.tokens[r.fed + 1] for r in active], device=logits.device)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-            argmax = logits.argmax(dim=-1).tolist()
-            for row, lp, pred in zip(active, picked, argmax):
+            argmax = logits.argmax(dim=-1).tolist()  # the first of tied maxima, as torch picks
+            top2 = logits.float().topk(2, dim=-1).values
+            margins = (top2[:, 0] - top2[:, 1]).tolist()
+            for row, lp, pred, margin in zip(active, picked, argmax, margins):
                 row.nll -= lp  # a Python float: the sum is kept in float64
                 row.predictions.append(pred)
+                row.margins.append(margin)
                 row.fed += 1
             for row in [r for r in active if r.done]:
                 active.remove(row)
@@ -171,6 +197,7 @@ def score_tokens(
         nll=sum(r.nll for r in rows),
         predictions=[p for r in rows for p in r.predictions],
         targets=[t for r in rows for t in r.tokens[1:]],
+        margins=[m for r in rows for m in r.margins],
         num_windows=len(spans),
         window=window,
     )

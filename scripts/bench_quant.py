@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from aotllm import LLM
-    from aotllm.runtime.scoring import score_tokens
+    from aotllm.runtime.scoring import BF16_NEAR_TIE, score_tokens, top1_agreement
 
     model = checkpoint(args.model, args.cache_dir)
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -172,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.ppl:
             ids = llm.get_tokenizer().encode((HERE / "data" / "corpus.txt").read_text())[:1281]
             s = score_tokens(engine, ids, window=min(256, engine.max_model_len))
-            agree = "" if reference is None else (
-                f", top-1 agreement with the first scheme {sum(a == b for a, b in zip(s.predictions, reference.predictions)) / s.num_tokens:.1%}")
+            agree = ""
+            if reference is not None:
+                everywhere, _ = top1_agreement(s, reference)
+                resolved, kept = top1_agreement(s, reference, BF16_NEAR_TIE)
+                agree = (f", top-1 agreement with the first scheme {everywhere:.1%} (on the "
+                         f"{kept} positions it resolves beyond a bf16 near-tie: {resolved:.1%})")
             reference = reference or s
             notes.append(f"{label}: held-out perplexity {s.perplexity:.3f} over {s.num_tokens} "
                          f"tokens{agree}")

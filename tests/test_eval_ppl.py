@@ -3,6 +3,7 @@ eager, engine state afterwards, and `aotllm eval-ppl`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,7 +16,9 @@ from aotllm import LLM, SamplingParams
 from aotllm.cli import main
 from aotllm.graphs.kv_cache import NULL_BLOCK
 from aotllm.runtime.artifact import CompiledExecutor
-from aotllm.runtime.scoring import ScoreResult, evaluate_perplexity, score_tokens, split_windows
+from aotllm.runtime.scoring import (
+    ScoreResult, evaluate_perplexity, score_tokens, split_windows, top1_agreement,
+)
 from tests.conftest import COMPILE_PLAN, REPO
 
 MAX_LEN = COMPILE_PLAN["max_model_len"]  # 128: the eager engines match the artifact
@@ -52,10 +55,11 @@ def _assert_idle(llm: LLM) -> None:
     assert bm.num_free_blocks == bm.num_usable_blocks, "KV blocks leaked"
 
 
-def _reference(hf, ids: list[int], window: int) -> tuple[float, list[int]]:
-    """NLL sum and argmax predictions from full-sequence logits, window by window
-    (windows overlap by one token, so each token after the first is scored once)."""
-    nll, preds = 0.0, []
+def _reference(hf, ids: list[int], window: int) -> tuple[float, list[int], list[float]]:
+    """NLL sum, argmax predictions and top-2 margins from full-sequence logits,
+    window by window (windows overlap by one token, so each token after the
+    first is scored once)."""
+    nll, preds, margins = 0.0, [], []
     for start in range(0, len(ids) - 1, window - 1):
         w = ids[start : start + window]
         with torch.no_grad():
@@ -63,12 +67,15 @@ def _reference(hf, ids: list[int], window: int) -> tuple[float, list[int]]:
         lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(w[1:]).unsqueeze(1))
         nll -= lp.double().sum().item()
         preds += logits.argmax(dim=-1).tolist()
-    return nll, preds
+        top2 = logits.topk(2, dim=-1).values
+        margins += (top2[:, 0] - top2[:, 1]).tolist()
+    return nll, preds, margins
 
 
-def _assert_same(got: ScoreResult, nll: float, preds: list[int]) -> None:
+def _assert_same(got: ScoreResult, nll: float, preds: list[int], margins: list[float]) -> None:
     assert got.nll == pytest.approx(nll, rel=1e-4)
     assert got.predictions == preds
+    assert got.margins == pytest.approx(margins, abs=1e-4)
 
 
 # -- windows and the scores themselves -----------------------------------------
@@ -254,3 +261,18 @@ def test_cli_bad_data_file(llama_dir, tmp_path, capsys, content, match, before_l
     assert match in _one_error_line(err.splitlines()[-1])
     if before_load:  # one line and nothing else: the model was never loaded
         _one_error_line(err)
+
+
+def test_top1_agreement_counts_only_where_the_reference_resolves_its_choice():
+    def result(preds: list[int], margins: list[float]) -> ScoreResult:
+        return ScoreResult(num_tokens=4, nll=0.0, predictions=preds, targets=[1, 2, 3, 4],
+                           margins=margins, num_windows=1, window=5)
+
+    ref = result([5, 6, 7, 8], [0.1, 2.0, 0.3, 1.0])
+    other = result([9, 6, 7, 0], [1.0, 1.0, 1.0, 1.0])
+    assert top1_agreement(other, ref) == (0.5, 4)
+    # Position 0 (a near-tie, 0.1) is dropped; 3 stays and still disagrees.
+    assert top1_agreement(other, ref, 0.25) == (2 / 3, 3)
+    assert top1_agreement(ref, ref, 0.25) == (1.0, 3)
+    with pytest.raises(ValueError, match="different token sequences"):
+        top1_agreement(dataclasses.replace(other, targets=[4, 3, 2, 1]), ref)
