@@ -9,7 +9,15 @@ import torch
 
 from aotllm.models.loader import load_model
 from aotllm.models.parallel import TensorParallel
-from tests.tp_harness import eager_rank_tokens, greedy_eager, run_ranks
+from aotllm.graphs.manifest import ArtifactError, Manifest
+from tests.tp_harness import (
+    compiled_rank_tokens, eager_rank_tokens, greedy_compiled, greedy_eager, run_ranks,
+)
+
+# A small plan (three shape-group graphs): 16-token prefill chunks, decode
+# batches 1 and 4 at one context size.
+TP_PLAN = dict(prefill_buckets=(16,), decode_batch_sizes=(1, 4), context_buckets=(128,),
+               prefill_batch_sizes=(1,))
 
 # Llama GQA (KV heads split), Qwen2 (q/k/v bias), KV heads replicated (one KV
 # head, two ranks), a padded vocabulary (513 rows over 2 ranks), and the
@@ -69,3 +77,34 @@ def test_shapes_that_do_not_split_are_refused(tiny_models):
     with pytest.raises(ValueError, match="num_attention_heads .4. is not divisible by "
                                          "tensor_parallel_size 3"):
         load_model(path, "float32", tp=TensorParallel(0, 3))
+
+
+@pytest.mark.parametrize("variant,quantization", [
+    ("llama-gqa", None), ("qwen2-tied", None), ("llama-mqa-headdim", None),
+    ("llama-gqa", "w8a16"),
+])
+def test_compiled_tp2_greedy_equals_tp1(artifacts, one_thread, variant, quantization):
+    """One graph set for both ranks, a weights file each: the TP=2 artifact's
+    greedy tokens equal the TP=1 artifact's (quantized: scales cut with their
+    weights, so W8A16 TP=2 equals W8A16 TP=1)."""
+    tp1 = artifacts.get(variant, quantization=quantization, **TP_PLAN)
+    tp2 = artifacts.get(variant, quantization=quantization, tensor_parallel_size=2, **TP_PLAN)
+    manifest = Manifest.read(tp2)
+    assert (manifest.tensor_parallel_size, manifest.distributed_backend) == (2, "gloo")
+    assert manifest.rank_weights[0][0] == "rank1/weights.safetensors"
+    assert {g.file for g in manifest.graphs} == {g.file for g in Manifest.read(tp1).graphs}
+    want = greedy_compiled(tp1)
+    assert run_ranks(2, compiled_rank_tokens, tp2) == want
+
+
+def test_tp_artifact_refuses_another_world_size(artifacts):
+    tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
+    with pytest.raises(ArtifactError, match=r"split across 2 ranks .* but 1 process is loading "
+                                            r"it: serve it with LLM\(model, tensor_parallel_size=2\)"):
+        greedy_compiled(tp2)
+    from aotllm.graphs.manifest import check_world_size
+
+    with pytest.raises(ArtifactError, match="but 3 ranks are loading it.*--tensor-parallel-size 3"):
+        check_world_size(Manifest.read(tp2), 3)
+    with pytest.raises(ArtifactError, match="compiled for one process"):
+        check_world_size(Manifest.read(artifacts.get("llama-gqa", **TP_PLAN)), 2)

@@ -32,13 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def greedy_eager(model: torch.nn.Module, max_tokens: int = 12) -> list[list[int]]:
+def greedy(executor, kv_spec: KVCacheSpec, max_tokens: int = 12) -> list[list[int]]:
     """Greedy tokens of PROMPTS through the runtime's scheduler and runner."""
-    attn = model.model.layers[0].self_attn
-    c = model.config
-    spec = KVCacheSpec(c.num_layers, attn.num_kv_heads, c.head_dim, 16, "float32")
-    runner = ModelRunner(EagerExecutor(model, torch.device("cpu")), spec, 64, Sampler(set()),
-                         torch.float32)
+    runner = ModelRunner(executor, kv_spec, 64, Sampler(set()), torch.float32)
     sched = Scheduler(SchedulerConfig(max_model_len=128, max_num_seqs=4,
                                       max_num_batched_tokens=TOKEN_BUDGET), 16, 64)
     core = EngineCore(runner, sched)
@@ -50,6 +46,20 @@ def greedy_eager(model: torch.nn.Module, max_tokens: int = 12) -> list[list[int]
         for o in core.step().outputs:
             out[o.request_id] += o.new_token_ids
     return [out[str(i)] for i in range(len(PROMPTS))]
+
+
+def greedy_eager(model: torch.nn.Module) -> list[list[int]]:
+    c = model.config
+    spec = KVCacheSpec(c.num_layers, model.model.layers[0].self_attn.num_kv_heads, c.head_dim,
+                       16, "float32")
+    return greedy(EagerExecutor(model, torch.device("cpu")), spec)
+
+
+def greedy_compiled(artifact: Path) -> list[list[int]]:
+    from aotllm.runtime.artifact import CompiledExecutor, load_artifact
+
+    loaded = load_artifact(artifact, torch.device("cpu"))
+    return greedy(CompiledExecutor(loaded, torch.device("cpu")), loaded.kv_spec)
 
 
 def _rank_main(rank: int, size: int, port: int, fn: Callable, args: tuple, queue) -> None:
@@ -91,3 +101,7 @@ def eager_rank_tokens(rank: int, size: int, checkpoint: Path) -> list[list[int]]
     from aotllm.models.parallel import TensorParallel
 
     return greedy_eager(load_model(checkpoint, "float32", tp=TensorParallel(rank, size)))
+
+
+def compiled_rank_tokens(rank: int, size: int, artifact: Path) -> list[list[int]]:
+    return greedy_compiled(artifact)
