@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compile-workers", type=positive_int, default=None, metavar="N",
                    help="inductor: compile N graphs at once in forked worker processes "
                         "(default: the CPU count, at most 4)")
+    c.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="inductor: split the model across N ranks (one weights file each, "
+                        "one graph set with the all-reduces inside; served by N processes)")
     c.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
     c.add_argument("--max-num-seqs", type=positive_int, default=8, metavar="N",
@@ -229,6 +232,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         ge_dim_gears=args.ge_dim_gears, dynamic_shapes=args.dynamic_shapes,
         compile_workers=args.compile_workers or min(os.cpu_count() or 1, 4),
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     t0 = time.perf_counter()
     manifest = compile_artifact(cfg)

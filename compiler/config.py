@@ -43,8 +43,17 @@ class CompileConfig:
     # Graphs compiled side by side in forked worker processes (Inductor;
     # compiler/parallel.py). 1: one after the other, in this process.
     compile_workers: int = 1
+    # One weights file per rank, one graph set for all of them (the graphs
+    # hold the all-reduces; models/parallel.py says what each rank holds).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be positive, got "
+                             f"{self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.backend != "inductor":
+            raise ValueError(f"--tensor-parallel-size is built for the inductor backend so far; "
+                             f"the {self.backend} backend compiles one rank only")
         if self.compile_workers <= 0:
             raise ValueError(f"compile_workers must be positive, got {self.compile_workers}")
         if self.max_num_seqs <= 0:

@@ -86,6 +86,12 @@ class InductorBackend:
         group = self.groups.get(bucket)
         program = export_bucket(model, bucket, spec, self.device,
                                 group if group is not None and len(group.buckets) > 1 else None)
+        configs = dict(_INDUCTOR_CONFIGS)
+        if model.tp.enabled:
+            # Inductor inlines 1-D constants of <= 8 elements into the code;
+            # a rank's own small tensors (its vocabulary offset) must stay
+            # weights bound at load, or every rank would run rank 0's.
+            configs["always_keep_tensor_constants"] = True
         torch._inductor.aoti_compile_and_package(
-            program, package_path=str(out_path), inductor_configs=dict(_INDUCTOR_CONFIGS)
+            program, package_path=str(out_path), inductor_configs=configs
         )

@@ -34,7 +34,7 @@ from aotllm.compiler.cpu_target import cpu_record
 from aotllm.compiler.parallel import compile_graphs
 from aotllm.compiler.tokenizer_snapshot import write_runtime_tokenizer
 from aotllm.graphs.buckets import Bucket, plan_buckets
-from aotllm.graphs.devices import supported_device_type
+from aotllm.graphs.devices import DISTRIBUTED_BACKENDS, supported_device_type
 from aotllm.graphs.file_digest import SampleTable, sample_file, safetensors_header_bytes
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import (
@@ -49,6 +49,7 @@ from aotllm.graphs.manifest import (
 from aotllm.models.checkpoint import open_checkpoint
 from aotllm.models.config import ModelConfig
 from aotllm.models.int8_kernels import w8a8_kernel, w8a16_kernel
+from aotllm.models.parallel import TensorParallel, init_group_for_trace
 from aotllm.quantize.load import load_quantized
 
 logger = logging.getLogger(__name__)
@@ -100,12 +101,11 @@ def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
     return keep
 
 
-def _file_samples(out: Path, weights_file: str, entries: list[GraphEntry]) -> SampleTable:
+def _file_samples(out: Path, weights_files: list[str], entries: list[GraphEntry]) -> SampleTable:
     """Size and sampled digest of every file, for the cheap check at each load;
-    the weights file's safetensors header is hashed whole (it says where every
-    tensor lies)."""
-    files = {weights_file: sample_file(out / weights_file,
-                                       safetensors_header_bytes(out / weights_file))}
+    the weights files' safetensors headers are hashed whole (they say where
+    every tensor lies)."""
+    files = {w: sample_file(out / w, safetensors_header_bytes(out / w)) for w in weights_files}
     for rel in dict.fromkeys(e.file for e in entries):
         files[rel] = sample_file(out / rel)
     return SampleTable(files)
@@ -135,6 +135,17 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
                                   source.load_tokenizer, ops=backend.ops)
     if quant is not None:
         check_quantization(backend, quant["scheme"])
+    tp_size = cfg.tensor_parallel_size
+    rank_models = [model]
+    if tp_size > 1:
+        from aotllm.compiler.tensor_parallel import shard_model
+
+        # Every rank's model from the one full (quantized) model, then the
+        # full one is dropped; rank 0's is traced, every rank binds its own
+        # weights file to the same graphs.
+        rank_models = [shard_model(model, TensorParallel(r, tp_size), quant)
+                       for r in range(tp_size)]
+        model = rank_models[0]
     config = model.config
     dtype_name = str(model.dtype).removeprefix("torch.")
     max_model_len = config.resolve_max_model_len(cfg.max_model_len)
@@ -145,8 +156,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         context_buckets=cfg.context_buckets,
         prefill_batch_sizes=cfg.prefill_batch_sizes,
     )
-    spec = KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim,
-                       cfg.block_size, dtype_name)
+    # A rank's cache holds its KV heads only.
+    spec = KVCacheSpec(config.num_layers, model.model.layers[0].self_attn.num_kv_heads,
+                       config.head_dim, cfg.block_size, dtype_name)
     if quant is not None:
         quant["kernels"] = _kernels(quant, plan.buckets, model.dtype, device)
     cpu = (cpu_record(plan.buckets, model.dtype, backend.name == "inductor")
@@ -162,6 +174,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         "torch": torch.__version__,
         "source": source_hash(),
         "quantization": quant,
+        "tensor_parallel_size": tp_size,
         # The CPU the kernel choices and generated code are for (not the
         # per-bucket choices: they follow from it and the bucket).
         "cpu": {k: v for k, v in (cpu or {}).items() if k != "linear_kernels"},
@@ -171,6 +184,12 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
 
     logger.info("Writing weights and tokenizer to %s", out)
     weights_file, aliases = backend.write_weights(model, out)
+    rank_files = []
+    for rank, rank_model in enumerate(rank_models[1:], 1):
+        (out / f"rank{rank}").mkdir(exist_ok=True)
+        name, _ = backend.write_weights(rank_model, out / f"rank{rank}")
+        rank_files.append(f"rank{rank}/{name}")
+    del rank_models[1:]
     # As HF tokenizer files (a GGUF's are rebuilt from its metadata), so the
     # runtime loads every artifact's tokenizer the same way.
     source.save_tokenizer(out)
@@ -217,7 +236,17 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         bar.update(1)
 
     workers = cfg.compile_workers if getattr(backend, "parallel_compile", False) else 1
-    compile_graphs(backend, model, spec, list(todo), scratch, workers, done)
+    if tp_size > 1:
+        # The graphs name the default process group; tracing needs one to
+        # exist, not its peers (models/parallel.py: a fake group).
+        init_group_for_trace(TensorParallel(0, tp_size))
+    try:
+        compile_graphs(backend, model, spec, list(todo), scratch, workers, done)
+    finally:
+        if tp_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     bar.close()
     entries = [by_bucket[b] for b in plan.buckets]
 
@@ -242,7 +271,10 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         graphs=tuple(entries),
         weights_file=weights_file,
         weights_sha256=sha256_file(out / weights_file),
-        file_samples=_file_samples(out, weights_file, entries),
+        file_samples=_file_samples(out, [weights_file, *rank_files], entries),
+        tensor_parallel_size=tp_size,
+        distributed_backend=DISTRIBUTED_BACKENDS[device_type] if tp_size > 1 else None,
+        rank_weights=tuple((f, sha256_file(out / f)) for f in rank_files),
         extra={"weight_aliases": aliases, "max_model_len": max_model_len,
                "vocab_size": config.vocab_size,
                "max_num_seqs": cfg.max_num_seqs, "source_hash": common["source"],

@@ -167,10 +167,28 @@ class Manifest:
     # (graphs/file_digest.py). None in manifests written before it existed:
     # those are checked by their full sha256 instead.
     file_samples: SampleTable | None = None
+    # Tensor parallelism: the graphs are the same on every rank (a rank's
+    # slices and offsets are weights, bound at load), each rank has its own
+    # weights file: rank 0's is `weights_file`, ranks 1.. are `rank_weights`
+    # as (file, sha256). The collectives inside the graphs run over
+    # `distributed_backend` (gloo, nccl, hccl).
+    tensor_parallel_size: int = 1
+    distributed_backend: str | None = None
+    rank_weights: tuple[tuple[str, str], ...] = ()
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "graphs", tuple(self.graphs))
+        object.__setattr__(self, "rank_weights", tuple(tuple(w) for w in self.rank_weights))
+        if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got "
+                             f"{self.tensor_parallel_size!r}")
+        if len(self.rank_weights) != self.tensor_parallel_size - 1:
+            raise ValueError(f"{len(self.rank_weights)} rank weights files for "
+                             f"tensor_parallel_size {self.tensor_parallel_size}")
+        for rank, (file, digest) in enumerate(self.rank_weights, 1):
+            _check_relative(file, f"weights file of rank {rank}")
+            _check_sha256(digest, f"sha256 of {file}")
         _check_relative(self.weights_file, "weights_file")
         _check_sha256(self.weights_sha256, f"sha256 of {self.weights_file}")
         if self.file_samples is not None:
@@ -191,7 +209,16 @@ class Manifest:
         """(relative path, sha256) of the weights file and every graph file, once each."""
         # Buckets may share one graph file (GE dimension gears).
         return list(dict.fromkeys([(self.weights_file, self.weights_sha256),
+                                   *self.rank_weights,
                                    *((g.file, g.sha256) for g in self.graphs)]))
+
+    def weights_for_rank(self, rank: int) -> tuple[str, str]:
+        """(weights file, sha256) of one tensor-parallel rank."""
+        if not 0 <= rank < self.tensor_parallel_size:
+            raise ValueError(f"rank {rank} of an artifact with tensor_parallel_size "
+                             f"{self.tensor_parallel_size}")
+        return (self.weights_file, self.weights_sha256) if rank == 0 else \
+            self.rank_weights[rank - 1]
 
     def graph_for(self, bucket: Bucket) -> GraphEntry:
         for entry in self.graphs:
@@ -217,6 +244,9 @@ class Manifest:
             "kv_cache": self.kv_cache,
             "plan": self.plan,
             "file_samples": None if self.file_samples is None else self.file_samples.to_dict(),
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "distributed_backend": self.distributed_backend,
+            "rank_weights": [{"file": f, "sha256": h} for f, h in self.rank_weights],
             "graphs": [g.to_dict() for g in self.graphs],
             "model_config": self.model_config,
             "extra": self.extra,
@@ -251,6 +281,11 @@ class Manifest:
             extra=dict(d.get("extra", {})),
             file_samples=None if d.get("file_samples") is None
             else SampleTable.from_dict(d["file_samples"]),
+            # Absent before tensor parallelism: one rank.
+            tensor_parallel_size=d.get("tensor_parallel_size", 1),
+            distributed_backend=d.get("distributed_backend"),
+            rank_weights=tuple((str(w["file"]), str(w["sha256"]))
+                               for w in d.get("rank_weights", ())),
             format_version=version,
         )
 
@@ -444,6 +479,25 @@ def check_runtime_compat(
         )
     if problems:
         raise ArtifactError("this artifact cannot run here: " + "; ".join(problems))
+
+
+def check_world_size(manifest: Manifest, world_size: int) -> None:
+    """Refuse to serve a tensor-parallel artifact with another number of ranks:
+    each rank's weights file holds only its slices."""
+    tp = manifest.tensor_parallel_size
+    if world_size == tp:
+        return
+    if tp == 1:
+        raise ArtifactError(
+            f"this artifact was compiled for one process (tensor_parallel_size 1) but "
+            f"{world_size} ranks are loading it: serve it with tensor_parallel_size=1, or "
+            f"{_RECOMPILE} --tensor-parallel-size {world_size}")
+    raise ArtifactError(
+        f"this artifact is split across {tp} ranks (tensor_parallel_size {tp}) but "
+        f"{world_size} {'process is' if world_size == 1 else 'ranks are'} loading it: serve "
+        f"it with LLM(model, tensor_parallel_size={tp}) or `aotllm serve`, which start one "
+        f"process per rank, or launch {tp} ranks yourself (torchrun --nproc-per-node {tp}); "
+        f"or {_RECOMPILE} --tensor-parallel-size {world_size}")
 
 
 def is_artifact_dir(path: str | os.PathLike[str]) -> bool:

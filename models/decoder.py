@@ -25,6 +25,7 @@ from transformers.activations import ACT2FN
 from aotllm.models.config import ModelConfig
 from aotllm.models.layers import Embedding, LayerNorm, Linear, MergedLinear, RMSNorm
 from aotllm.models.ops import TorchOps
+from aotllm.models.parallel import Split, TensorParallel, row_index
 from aotllm.models.rope import rope_inv_freq, rotary_dim
 from aotllm.models.weights import Shard, WeightMap
 
@@ -40,11 +41,17 @@ def _norm_tensors(norm: nn.Module) -> list[torch.Tensor]:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ops, dtype: torch.dtype):
+    """Under tensor parallelism this rank's heads only (models/parallel.py):
+    q/k/v column-parallel, o_proj row-parallel and summed by one all-reduce."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, ops, dtype: torch.dtype,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.ops = ops
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.tp = tp
+        self.q_start, self.num_heads = tp.even(config.num_heads, "num_attention_heads")
+        self.kv_start, self.num_kv_heads = tp.kv_heads(config.num_heads, config.num_kv_heads)
+        self.full_heads = (config.num_heads, config.num_kv_heads)
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_windows[layer_idx]
@@ -61,6 +68,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops, dtype)
         else:
             self.q_norm = self.k_norm = None
+
+    def tp_splits(self, prefix: str) -> dict[str, Split]:
+        d = self.head_dim
+        q_full, kv_full = (h * d for h in self.full_heads)
+        rows = Split(0, row_index([
+            (0, self.q_start * d, self.q_size),
+            (q_full, self.kv_start * d, self.kv_size),
+            (q_full + kv_full, self.kv_start * d, self.kv_size),
+        ]))
+        cols = torch.arange(self.q_start * d, self.q_start * d + self.q_size, device="cpu")
+        return {f"{prefix}.qkv_proj.weight": rows, f"{prefix}.qkv_proj.bias": rows,
+                f"{prefix}.o_proj.weight": Split(1, cols),
+                f"{prefix}.o_proj.bias": Split(additive=True)}
 
     def forward(
         self,
@@ -87,16 +107,20 @@ class Attention(nn.Module):
             q, kv_cache, block_tables, positions, context_lens, query_lens, self.scale,
             self.sliding_window,
         )
-        return self.o_proj(out.reshape(b, t, self.q_size))
+        out = self.o_proj(out.reshape(b, t, self.q_size))
+        return self.ops.all_reduce(out) if self.tp.enabled else out
 
 
 class MLP(nn.Module):
     """down(act(gate) * up), or down(act(up)) when the family's MLP has no gate."""
 
     def __init__(self, config: ModelConfig, ops, dtype: torch.dtype,
-                 intermediate_size: int | None = None):
+                 tp: TensorParallel = TensorParallel(), intermediate_size: int | None = None):
         super().__init__()
-        i = intermediate_size or config.intermediate_size
+        self.ops = ops
+        self.tp = tp
+        self.full_intermediate = intermediate_size or config.intermediate_size
+        self.start, i = tp.even(self.full_intermediate, "intermediate_size")
         self.intermediate_size = i
         h, bias = config.hidden_size, config.mlp_bias
         self.gated = config.gated_mlp
@@ -112,25 +136,37 @@ class MLP(nn.Module):
     def in_proj(self) -> Linear:
         return self.gate_up_proj if self.gated else self.up_proj
 
+    def tp_splits(self, prefix: str) -> dict[str, Split]:
+        full, a, n = self.full_intermediate, self.start, self.intermediate_size
+        pieces = [(0, a, n), (full, a, n)] if self.gated else [(0, a, n)]
+        name = "gate_up_proj" if self.gated else "up_proj"
+        rows = Split(0, row_index(pieces))
+        return {f"{prefix}.{name}.weight": rows, f"{prefix}.{name}.bias": rows,
+                f"{prefix}.down_proj.weight": Split(1, torch.arange(a, a + n, device="cpu")),
+                f"{prefix}.down_proj.bias": Split(additive=True)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
-            return self.down_proj(self.act(self.up_proj(x)))
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+            out = self.down_proj(self.act(self.up_proj(x)))
+        else:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+            out = self.down_proj(self.act(gate) * up)
+        return self.ops.all_reduce(out) if self.tp.enabled else out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, ops, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, layer_idx: int, ops, dtype: torch.dtype,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.kind = config.layer_kind
         h = config.hidden_size
-        self.self_attn = Attention(config, layer_idx, ops, dtype)
+        self.self_attn = Attention(config, layer_idx, ops, dtype, tp)
         if config.num_experts and layer_idx not in config.dense_layers:
             from aotllm.models.moe import SparseMoE
 
-            self.mlp = SparseMoE(config, ops, dtype)
+            self.mlp = SparseMoE(config, ops, dtype, tp)
         else:
-            self.mlp = MLP(config, ops, dtype)
+            self.mlp = MLP(config, ops, dtype, tp)
         self.input_layernorm = make_norm(config, h, ops, dtype)
         # Parallel layers read one norm (or, Falcon's new decoder, one per branch).
         if self.kind != "parallel" or config.parallel_norms == 2:
@@ -194,11 +230,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, ops, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, ops, dtype: torch.dtype,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, ops, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, ops, dtype) for i in range(config.num_layers)
+            DecoderLayer(config, i, ops, dtype, tp) for i in range(config.num_layers)
         )
         self.norm = make_norm(config, config.hidden_size, ops, dtype)
 
@@ -212,12 +249,17 @@ class CausalLM(nn.Module):
 
     renames: tuple[tuple[str, str], ...] = ()
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, ops=TorchOps):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, ops=TorchOps,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.model = DecoderModel(config, ops, dtype)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, ops, dtype)
+        self.ops = ops
+        self.tp = tp
+        self.model = DecoderModel(config, ops, dtype, tp)
+        # Vocab-parallel under TP: this rank's rows of the (padded) vocabulary.
+        head_rows = tp.vocab(config.vocab_size)[1] if tp.enabled else config.vocab_size
+        self.lm_head = Linear(config.hidden_size, head_rows, False, ops, dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_scaling, self.dynamic_rope = rope_inv_freq(config)
@@ -244,8 +286,29 @@ class CausalLM(nn.Module):
         """A family's changes to the map in the model's own names (before
         `renames`): fused tensors the checkpoint stores whole, reordered rows."""
 
+    def tp_splits(self) -> dict[str, Split]:
+        """Parameter name -> this rank's part of the full tensor (models/parallel.py)."""
+        if not self.tp.enabled:
+            return {}
+        start, rows = self.tp.vocab(self.config.vocab_size)
+        index = torch.arange(start, start + rows, device="cpu")
+        vocab = Split(0, index.masked_fill(index >= self.config.vocab_size, -1))
+        out = {"model.embed_tokens.weight": vocab, "lm_head.weight": vocab}
+        for prefix, module in self.named_modules():
+            if hasattr(module, "tp_splits") and module is not self:
+                out.update(module.tp_splits(prefix))
+        return out
+
     def build_weight_map(self) -> WeightMap:
-        """Checkpoint tensor name -> where it goes, for every parameter."""
+        """Checkpoint tensor name -> where it goes, for every parameter. Under
+        TP, the full model's map with each shard cut to this rank's part, so
+        every family's regrouping and reordering applies unchanged."""
+        if self.tp.enabled:
+            with torch.device("meta"):
+                full = type(self)(self.config, self.dtype, self.ops)
+            splits = self.tp_splits()
+            return {name: shard.for_rank(splits.get(shard.param), self.tp.rank)
+                    for name, shard in full.weight_map.items()}
         out: WeightMap = {}
         tied = self.config.tie_word_embeddings
         for prefix, module in self.named_modules():
@@ -296,4 +359,7 @@ class CausalLM(nn.Module):
                       query_lens)
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, query_lens - 1]
-        return self.lm_head(self.model.norm(last)).float()
+        logits = self.lm_head(self.model.norm(last))
+        if self.tp.enabled:  # each rank has its vocabulary slice; all of them, padding cut
+            logits = self.ops.all_gather(logits, -1)[:, : self.config.vocab_size]
+        return logits.float()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from aotllm.models.parallel import TensorParallel
     from aotllm.models.weights import Shard
 
 
@@ -43,12 +44,31 @@ class RMSNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype):
+    """Token embedding; vocab-parallel under tensor parallelism: this rank holds
+    rows [vocab_start, vocab_start + rows) and the ranks' lookups are summed
+    (a token's row is on exactly one rank, the others add zeros)."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, ops=None,
+                 tp: "TensorParallel | None" = None):
         super().__init__()
-        self.weight = _empty(num_embeddings, dim, dtype=dtype)
+        self.ops = ops
+        self.tp = tp
+        if tp is not None and tp.enabled:
+            start, rows = tp.vocab(num_embeddings)
+            self.weight = _empty(rows, dim, dtype=dtype)
+            # A tensor, not a Python int: the rank's offset is data bound at
+            # load time, so every rank runs the same compiled graph.
+            self.register_buffer("vocab_start", torch.tensor([start]), persistent=False)
+        else:
+            self.weight = _empty(num_embeddings, dim, dtype=dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids, self.weight)
+        if self.tp is None or not self.tp.enabled:
+            return torch.nn.functional.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        here = (local >= 0) & (local < self.weight.shape[0])
+        rows = torch.nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return self.ops.all_reduce(rows * here.unsqueeze(-1).to(rows.dtype))
 
 
 class MergedLinear(Linear):

@@ -21,6 +21,7 @@ from aotllm.models.checkpoint import CheckpointSource, open_checkpoint
 from aotllm.models.config import ModelConfig
 from aotllm.models.decoder import CausalLM
 from aotllm.models.ops import TorchOps
+from aotllm.models.parallel import TensorParallel
 from aotllm.models.registry import build_model
 
 logger = logging.getLogger(__name__)
@@ -84,13 +85,15 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     ops=TorchOps,
+    tp: TensorParallel | None = None,
 ) -> CausalLM:
     """Build the decoder of the family the checkpoint's config names
-    (models/registry.py) and fill it from its weights."""
+    (models/registry.py) and fill it from its weights; with `tp`, one
+    tensor-parallel rank's part, reading only its slices of each tensor."""
     source = open_checkpoint(checkpoint)
     config = ModelConfig.from_hf_dict(source.raw_config())
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device(device):
-        model = build_model(config, torch_dtype, ops)
+        model = build_model(config, torch_dtype, ops, tp)
     load_weights(model, source)
     return model.to(device).eval()

@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 
 from aotllm.models.config import ModelConfig
 from aotllm.models.layers import _empty
+from aotllm.models.parallel import Split, TensorParallel, row_index
 from aotllm.models.weights import Shard
 
 
@@ -60,25 +61,41 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: ModelConfig, ops, dtype: torch.dtype):
+    """Under tensor parallelism every rank routes alike (the router is whole)
+    and holds its slice of each expert's intermediate dimension (vLLM's TP
+    for experts); the partial outputs are summed by one all-reduce."""
+
+    def __init__(self, config: ModelConfig, ops, dtype: torch.dtype,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
+        self.ops = ops
+        self.tp = tp
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
         self.norm_topk_prob = config.norm_topk_prob
+        self.full_intermediate = config.moe_intermediate_size or config.intermediate_size
+        self.start, local = tp.even(self.full_intermediate, "moe_intermediate_size")
         self.gate = Router(config.hidden_size, config.num_experts, dtype)
-        self.experts = Experts(config.num_experts, config.hidden_size,
-                               config.moe_intermediate_size or config.intermediate_size, dtype)
+        self.experts = Experts(config.num_experts, config.hidden_size, local, dtype)
         self.act = ACT2FN[config.hidden_act]
         if config.shared_expert_intermediate_size:
             from aotllm.models.decoder import MLP
 
-            self.shared_expert = MLP(config, ops, dtype, config.shared_expert_intermediate_size)
+            # Whole on every rank (not split): it is added after the experts'
+            # all-reduce.
+            self.shared_expert = MLP(config, ops, dtype,
+                                     intermediate_size=config.shared_expert_intermediate_size)
             self.shared_expert_gate = Router(config.hidden_size, 1, dtype)  # one logit per token
         else:
             self.shared_expert = None
         # The row count at which forward changes path, for graphs whose row
         # count is dynamic (compiler/shape_groups.py keeps each on one side).
         self.row_thresholds = (("<=", self.num_experts // self.top_k),)
+
+    def tp_splits(self, prefix: str) -> dict[str, Split]:
+        full, a, n = self.full_intermediate, self.start, self.experts.intermediate_size
+        return {f"{prefix}.experts.gate_up": Split(1, row_index([(0, a, n), (full, a, n)])),
+                f"{prefix}.experts.down": Split(2, torch.arange(a, a + n, device="cpu"))}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, H] -> (weights [N, k], expert ids [N, k]): softmax, top-k, renormalised
@@ -97,6 +114,8 @@ class SparseMoE(nn.Module):
             out = self._gathered(x, weights, ids)
         else:
             out = self._all_experts(x, weights, ids)
+        if self.tp.enabled:
+            out = self.ops.all_reduce(out)
         if self.shared_expert is not None:
             gate = torch.sigmoid(F.linear(x, self.shared_expert_gate.weight))
             out = out + gate * self.shared_expert(x)

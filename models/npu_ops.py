@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from aotllm.models.ops import all_gather, all_reduce
+
 # FusedInferAttentionScore's causal mode for prefill: sparse_mode 3
 # ("rightDownCausal") takes this fixed 2048 x 2048 mask (1 = masked) and
 # aligns the row's queries to the end of its keys, which is chunked prefill.
@@ -191,6 +193,10 @@ class NpuOps:
         out = _npu_op("npu_quant_matmul")(
             xq, qweight, deq_scale.float(), bias=quant_bias, output_dtype=_SCALAR_TYPE[x.dtype])
         return out.view(*x.shape[:-1], qweight.shape[1])
+
+    # torchair converts the functional collectives to HCCL (DESIGN.md).
+    all_reduce = staticmethod(all_reduce)
+    all_gather = staticmethod(all_gather)
 
 
 def _check_kn(x: torch.Tensor, qweight: torch.Tensor) -> None:

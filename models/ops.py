@@ -75,6 +75,34 @@ class Ops(Protocol):
         y = (x_q @ qweight^T + quant_bias) * deq_scale."""
         ...
 
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the tensor-parallel group (models/parallel.py)."""
+        ...
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """The ranks' tensors concatenated along `dim`, in rank order."""
+        ...
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Functional collectives, so the sum is an op inside each bucket's graph:
+    torch.export keeps `_c10d_functional.all_reduce` + `wait_tensor`,
+    AOTInductor compiles them (checked with torch 2.13 over gloo) and
+    torchair converts them to HCCL. Models call this only when the group has
+    more than one rank, so a TP=1 graph has no collective at all."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+
+def all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    # A non-negative dim: all_gather_tensor mis-shapes a negative one (torch 2.13).
+    return funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), dist.group.WORLD)
+
 
 class TorchOps:
     """Plain torch; the int8 kernels come from `int8_kernels` (checked on CPU)."""
@@ -179,6 +207,9 @@ class TorchOps:
         return int8_kernels.linear_w8a8_static(
             x, qweight, input_scale, input_offset, quant_bias, deq_scale
         )
+
+    all_reduce = staticmethod(all_reduce)
+    all_gather = staticmethod(all_gather)
 
 
 def _rows(x: torch.Tensor) -> int:

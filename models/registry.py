@@ -85,6 +85,8 @@ def architecture_for_model_type(model_type: str) -> str | None:
     return None
 
 
-def build_model(config: "ModelConfig", dtype, ops) -> "CausalLM":
-    """The family's module for a parsed config (weights still unloaded)."""
-    return _spec(config.architecture).model_class(config, dtype, ops=ops)
+def build_model(config: "ModelConfig", dtype, ops, tp=None) -> "CausalLM":
+    """The family's module for a parsed config (weights still unloaded); with
+    `tp` (models/parallel.py) one tensor-parallel rank's part of it."""
+    cls = _spec(config.architecture).model_class
+    return cls(config, dtype, ops=ops) if tp is None else cls(config, dtype, ops=ops, tp=tp)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from aotllm.models.parallel import Split
+
 
 @dataclass(frozen=True, eq=False)
 class Shard:
@@ -27,7 +29,11 @@ class Shard:
     param: the model parameter's name.
     expert: index into dim 0 of a stacked expert parameter, or None.
     start, size: the rows (dim 0, after `expert`) it fills; size None = all.
-    rows: dst row i takes the checkpoint tensor's row rows[i] (None: same order).
+    rows: dst row i takes the checkpoint tensor's row rows[i] (None: same order;
+        -1: a padding row, zeros).
+    cols: the checkpoint tensor's columns (dim 1) it takes (a row-parallel
+        linear's rank slice), or None for all.
+    zero: fill with zeros instead (an additive term on a rank other than 0).
     """
 
     param: str
@@ -35,6 +41,8 @@ class Shard:
     start: int = 0
     size: int | None = None
     rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    zero: bool = False
 
     def target(self, param: torch.Tensor) -> torch.Tensor:
         dst = param if self.expert is None else param[self.expert]
@@ -45,16 +53,48 @@ class Shard:
     def load(self, param: torch.Tensor, src: torch.Tensor) -> None:
         """Copy a checkpoint tensor into its place (the shard's weight loader)."""
         dst = self.target(param)
+        if self.cols is not None:
+            src = src.index_select(1, self.cols)
         if self.rows is not None and src.dim() > 0:
-            src = src.index_select(0, self.rows)
+            pad = self.rows < 0
+            src = src.index_select(0, self.rows.clamp(min=0))
+            if bool(pad.any()):
+                src[pad] = 0
         if tuple(src.shape) != tuple(dst.shape):
             raise _ShapeError(tuple(src.shape), tuple(dst.shape))
         with torch.no_grad():
-            dst.copy_(src)
+            dst.copy_(src) if not self.zero else dst.zero_()
+
+    def for_rank(self, split: "Split | None", rank: int) -> "Shard":
+        """This shard cut to a tensor-parallel rank's part of its parameter
+        (models/parallel.py); `split` indexes the full parameter."""
+        if split is None:
+            return self
+        if split.additive:
+            return replace(self, zero=rank != 0)
+        dim = split.dim - (self.expert is not None)
+        if dim == 1:
+            return replace(self, cols=split.index)
+        assert dim == 0, (self.param, split.dim)
+        index = split.index
+        if self.size is None:  # the whole parameter: every local row, padding too
+            where = torch.arange(index.numel(), device="cpu")
+        else:
+            keep = (index >= self.start) & (index < self.start + self.size)
+            where = keep.nonzero().flatten()
+            assert where.numel() == 0 or int(where[-1] - where[0]) + 1 == where.numel(), \
+                f"{self.param}: a shard's rows on one rank must be contiguous"
+        src = index[where] - (self.start if self.size is not None else 0)
+        if self.rows is not None:
+            src = torch.where(src >= 0, self.rows[src.clamp(min=0)], src)
+        start = int(where[0]) if self.size is not None and where.numel() else 0
+        size = None if self.size is None else where.numel()
+        return replace(self, start=start, size=size, rows=src)
 
     def unload(self, tensor: torch.Tensor) -> torch.Tensor:
         """The inverse of `load` on a tensor laid out like the parameter (e.g. an
         int8 weight or a per-row scale): the checkpoint's tensor."""
+        assert self.cols is None and not self.zero, "unload of a tensor-parallel shard"
         part = self.target(tensor)
         if self.rows is not None and part.dim() > 0:
             out = torch.empty_like(part)

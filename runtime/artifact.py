@@ -6,6 +6,7 @@ the runtime of the artifact's backend (runtime/graph_loaders.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from aotllm.graphs.buckets import Bucket, BucketPlan, group_rows
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.graphs.manifest import Manifest, check_files, check_runtime_compat
+from aotllm.graphs.manifest import Manifest, check_files, check_runtime_compat, check_world_size
 from aotllm.quantize.config import SCHEMES
 from aotllm.runtime.graph_loaders import LOADERS, GraphFn, get_loader
 from aotllm.runtime.model_runner import StepShape
@@ -38,10 +39,24 @@ class LoadedArtifact:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of this process's torch.distributed group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def load_artifact(path: str | Path, device: torch.device) -> LoadedArtifact:
+    """Loads this process's part: under tensor parallelism (a process group of
+    the artifact's size, started by runtime/tp_workers.py or torchrun) the
+    rank's weights file, bound to the graphs every rank shares."""
     t0 = time.perf_counter()
     path = Path(path)
     manifest = Manifest.read(path)
+    rank, world_size = _process_group()
+    check_world_size(manifest, world_size)
     check_runtime_compat(
         manifest, torch_version=torch.__version__, backends=LOADERS, device=str(device),
         quantization_schemes=SCHEMES,
@@ -51,7 +66,10 @@ def load_artifact(path: str | Path, device: torch.device) -> LoadedArtifact:
     # Sizes and sampled digests, not a full hash of every byte on every
     # start: that is `aotllm verify`'s job (graphs/file_digest.py says why).
     check_files(manifest, path)
-    weights = loader.read_weights(path, manifest, device)
+    weights_file, weights_sha256 = manifest.weights_for_rank(rank)
+    weights = loader.read_weights(
+        path, dataclasses.replace(manifest, weights_file=weights_file,
+                                  weights_sha256=weights_sha256), device)
     constants = dict(weights)
     for alias, canonical in manifest.extra.get("weight_aliases", {}).items():
         constants[alias] = weights[canonical]

@@ -1,0 +1,112 @@
+"""Tensor parallelism on this CPU: two gloo ranks, one thread each. A sharded
+model's greedy tokens (chunked prefill, batched decode) equal the unsharded
+model's; the weight map's rank slices are checked against the full tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aotllm.models.loader import load_model
+from aotllm.models.parallel import TensorParallel
+from aotllm.graphs.manifest import ArtifactError, Manifest
+from tests.tp_harness import (
+    compiled_rank_tokens, eager_rank_tokens, greedy_compiled, greedy_eager, run_ranks,
+)
+
+# A small plan (three shape-group graphs): 16-token prefill chunks, decode
+# batches 1 and 4 at one context size.
+TP_PLAN = dict(prefill_buckets=(16,), decode_batch_sizes=(1, 4), context_buckets=(128,),
+               prefill_batch_sizes=(1,))
+
+# Llama GQA (KV heads split), Qwen2 (q/k/v bias), KV heads replicated (one KV
+# head, two ranks), a padded vocabulary (513 rows over 2 ranks), and the
+# families whose weight maps regroup rows (grouped qkv, rotary reorder) or
+# stack experts.
+EAGER_VARIANTS = {
+    "llama-gqa": ("llama-gqa", {}),
+    "qwen2-bias": ("qwen2", {}),
+    "llama-kv-replicated": ("llama", {"num_key_value_heads": 1}),
+    "llama-padded-vocab": ("llama", {"vocab_size": 513}),
+    "falcon-newarch-bias-tied": ("falcon-newarch-bias-tied", {}),
+    "internlm2-gqa-bias": ("internlm2-gqa-bias", {}),
+    "chatglm-mqa-bias": ("chatglm-mqa-bias", {}),
+    "mixtral-top2": ("mixtral-top2", {}),
+    # a whole shared expert beside the split experts, added after their all-reduce
+    "qwen2-moe-shared": ("qwen2-moe-shared", {}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(EAGER_VARIANTS))
+def test_eager_tp2_greedy_equals_tp1(tiny_models, one_thread, variant):
+    name, overrides = EAGER_VARIANTS[variant]
+    path = tiny_models.get(name, **overrides)
+    want = greedy_eager(load_model(path, "float32"))
+    got = run_ranks(2, eager_rank_tokens, path)
+    assert got == want
+
+
+def test_rank_slices_of_the_weights(tiny_models):
+    """Each rank's parameters are exactly its slice of the full model's: q/k/v
+    rows by head, o_proj columns, gate/up rows, vocabulary rows (padding rows
+    zero), a row-parallel bias on rank 0 only."""
+    path = tiny_models.get("qwen2", num_key_value_heads=1, vocab_size=513)
+    full = load_model(path, "float32")
+    c = full.config
+    d, q = c.head_dim, c.num_heads * c.head_dim
+    for rank in range(2):
+        part = load_model(path, "float32", tp=TensorParallel(rank, 2))
+        attn, fattn = part.model.layers[0].self_attn, full.model.layers[0].self_attn
+        qh = c.num_heads // 2
+        w = fattn.qkv_proj.weight
+        want = torch.cat([w[rank * qh * d:(rank + 1) * qh * d], w[q:q + d], w[q + d:q + 2 * d]])
+        assert torch.equal(attn.qkv_proj.weight, want)
+        assert torch.equal(attn.qkv_proj.bias[:qh * d], fattn.qkv_proj.bias[rank * qh * d:(rank + 1) * qh * d])
+        assert torch.equal(attn.o_proj.weight, fattn.o_proj.weight[:, rank * qh * d:(rank + 1) * qh * d])
+        i = c.intermediate_size // 2
+        gu, fgu = part.model.layers[0].mlp.gate_up_proj.weight, full.model.layers[0].mlp.gate_up_proj.weight
+        assert torch.equal(gu[:i], fgu[rank * i:(rank + 1) * i])
+        assert torch.equal(gu[i:], fgu[c.intermediate_size + rank * i:c.intermediate_size + (rank + 1) * i])
+        emb = part.model.embed_tokens.weight
+        assert emb.shape[0] == 257
+        rows = full.model.embed_tokens.weight[rank * 257:(rank + 1) * 257]
+        assert torch.equal(emb[:rows.shape[0]], rows)
+        assert not emb[rows.shape[0]:].any()
+
+
+def test_shapes_that_do_not_split_are_refused(tiny_models):
+    path = tiny_models.get("llama-gqa")  # 4 heads, 2 KV heads
+    with pytest.raises(ValueError, match="num_attention_heads .4. is not divisible by "
+                                         "tensor_parallel_size 3"):
+        load_model(path, "float32", tp=TensorParallel(0, 3))
+
+
+@pytest.mark.parametrize("variant,quantization", [
+    ("llama-gqa", None), ("qwen2-tied", None), ("llama-mqa-headdim", None),
+    ("llama-gqa", "w8a16"),
+])
+def test_compiled_tp2_greedy_equals_tp1(artifacts, one_thread, variant, quantization):
+    """One graph set for both ranks, a weights file each: the TP=2 artifact's
+    greedy tokens equal the TP=1 artifact's (quantized: scales cut with their
+    weights, so W8A16 TP=2 equals W8A16 TP=1)."""
+    tp1 = artifacts.get(variant, quantization=quantization, **TP_PLAN)
+    tp2 = artifacts.get(variant, quantization=quantization, tensor_parallel_size=2, **TP_PLAN)
+    manifest = Manifest.read(tp2)
+    assert (manifest.tensor_parallel_size, manifest.distributed_backend) == (2, "gloo")
+    assert manifest.rank_weights[0][0] == "rank1/weights.safetensors"
+    assert {g.file for g in manifest.graphs} == {g.file for g in Manifest.read(tp1).graphs}
+    want = greedy_compiled(tp1)
+    assert run_ranks(2, compiled_rank_tokens, tp2) == want
+
+
+def test_tp_artifact_refuses_another_world_size(artifacts):
+    tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
+    with pytest.raises(ArtifactError, match=r"split across 2 ranks .* but 1 process is loading "
+                                            r"it: serve it with LLM\(model, tensor_parallel_size=2\)"):
+        greedy_compiled(tp2)
+    from aotllm.graphs.manifest import check_world_size
+
+    with pytest.raises(ArtifactError, match="but 3 ranks are loading it.*--tensor-parallel-size 3"):
+        check_world_size(Manifest.read(tp2), 3)
+    with pytest.raises(ArtifactError, match="compiled for one process"):
+        check_world_size(Manifest.read(artifacts.get("llama-gqa", **TP_PLAN)), 2)
