@@ -145,6 +145,24 @@ def _reference(path: Path, ckpt: Path, name: str):
     return model.eval()
 
 
+def assert_chunked_logits_match(model, hf, case: str) -> None:
+    """A prompt in two chunks, then single-token decode steps through the
+    paged graph signature: logits within 1e-4 of transformers' full pass."""
+    c = model.config
+    torch.manual_seed(0)
+    ids = torch.randint(5, c.vocab_size, (26,)).tolist()
+    blocks = [3 * i + 2 for i in range(math.ceil(len(ids) / BLOCK))]
+    kv = [torch.zeros(2, 3 * len(blocks) + 4, BLOCK, c.num_kv_heads, c.head_dim)
+          for _ in range(c.num_layers)]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0, 19:]
+    _paged_forward(model, kv, blocks, ids[:9], 0)
+    got = [_paged_forward(model, kv, blocks, ids[9:20], 9)]
+    got += [_paged_forward(model, kv, blocks, ids[p:p + 1], p) for p in range(20, len(ids))]
+    diff = (torch.stack(got) - want).abs().max().item()
+    assert diff < 1e-4, f"{case}: max abs logit difference {diff}"
+
+
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
 def test_logits_match_transformers_reading_the_same_file(case, gguf_files, tiny_models):
     variant, arch, weight_type, name = PARITY_CASES[case]
@@ -154,19 +172,7 @@ def test_logits_match_transformers_reading_the_same_file(case, gguf_files, tiny_
     c = model.config
     assert c.model_type == hf.config.model_type == ("mistral" if name == "mistral" else arch)
     assert c.tie_word_embeddings == (variant == "qwen2-tied")
-    torch.manual_seed(0)
-    ids = torch.randint(5, c.vocab_size, (26,)).tolist()
-    blocks = [3 * i + 2 for i in range(math.ceil(len(ids) / BLOCK))]
-    kv = [torch.zeros(2, 3 * len(blocks) + 4, BLOCK, c.num_kv_heads, c.head_dim)
-          for _ in range(c.num_layers)]
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0, 19:]
-    # A prompt in two chunks, then single-token decode steps.
-    _paged_forward(model, kv, blocks, ids[:9], 0)
-    got = [_paged_forward(model, kv, blocks, ids[9:20], 9)]
-    got += [_paged_forward(model, kv, blocks, ids[p:p + 1], p) for p in range(20, len(ids))]
-    diff = (torch.stack(got) - want).abs().max().item()
-    assert diff < 1e-4, f"{case}: max abs logit difference {diff}"
+    assert_chunked_logits_match(model, hf, case)
 
 
 @pytest.mark.parametrize("variant, arch", [("llama-gqa", "llama"), ("qwen2-tied", "qwen2")])

@@ -12,7 +12,6 @@ and Falcon with Llama's field names, so it cannot load these files.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import gguf
@@ -23,8 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from aotllm.models.loader import load_model
-from tests.test_gguf import _add_tokenizer
-from tests.test_parity import BLOCK, _paged_forward
+from tests.test_gguf import _add_tokenizer, assert_chunked_logits_match
+from tests.test_parity import BLOCK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,19 +118,7 @@ def test_logits_match_transformers_on_the_source_checkpoint(case, tiny_models, t
                                                        hf.config.tie_word_embeddings)
     assert (c.num_kv_heads, c.head_dim) == (load_model(ckpt, "float32").config.num_kv_heads,
                                             hf.config.head_dim)
-    torch.manual_seed(0)
-    ids = torch.randint(5, c.vocab_size, (26,)).tolist()
-    blocks = [3 * i + 2 for i in range(math.ceil(len(ids) / BLOCK))]
-    kv = [torch.zeros(2, 3 * len(blocks) + 4, BLOCK, c.num_kv_heads, c.head_dim)
-          for _ in range(c.num_layers)]
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0, 19:]
-    # A prompt in two chunks, then single-token decode steps.
-    _paged_forward(model, kv, blocks, ids[:9], 0)
-    got = [_paged_forward(model, kv, blocks, ids[9:20], 9)]
-    got += [_paged_forward(model, kv, blocks, ids[p:p + 1], p) for p in range(20, len(ids))]
-    diff = (torch.stack(got) - want).abs().max().item()
-    assert diff < 1e-4, f"{case}: max abs logit difference {diff}"
+    assert_chunked_logits_match(model, hf, case)
 
 
 @pytest.mark.parametrize("variant, arch", [("qwen3-mqa-bias-tied", "qwen3"),
