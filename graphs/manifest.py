@@ -494,9 +494,9 @@ def check_world_size(manifest: Manifest, world_size: int) -> None:
             f"{_RECOMPILE} --tensor-parallel-size {world_size}")
     raise ArtifactError(
         f"this artifact is split across {tp} ranks (tensor_parallel_size {tp}) but "
-        f"{world_size} {'process is' if world_size == 1 else 'ranks are'} loading it: serve "
-        f"it with LLM(model, tensor_parallel_size={tp}) or `aotllm serve`, which start one "
-        f"process per rank, or launch {tp} ranks yourself (torchrun --nproc-per-node {tp}); "
+        f"{world_size} {'process is' if world_size == 1 else 'ranks are'} loading it: launch "
+        f"{tp} ranks (torchrun --nproc-per-node {tp}, each running the same requests; "
+        f"LLM(..., tensor_parallel_size=N) and `aotllm serve` cannot start ranks yet), "
         f"or {_RECOMPILE} --tensor-parallel-size {world_size}")
 
 

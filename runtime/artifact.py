@@ -50,7 +50,7 @@ def _process_group() -> tuple[int, int]:
 
 def load_artifact(path: str | Path, device: torch.device) -> LoadedArtifact:
     """Loads this process's part: under tensor parallelism (a process group of
-    the artifact's size, started by runtime/tp_workers.py or torchrun) the
+    the artifact's size, e.g. ranks started by torchrun) the
     rank's weights file, bound to the graphs every rank shares."""
     t0 = time.perf_counter()
     path = Path(path)

@@ -102,7 +102,7 @@ def test_compiled_tp2_greedy_equals_tp1(artifacts, one_thread, variant, quantiza
 def test_tp_artifact_refuses_another_world_size(artifacts):
     tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
     with pytest.raises(ArtifactError, match=r"split across 2 ranks .* but 1 process is loading "
-                                            r"it: serve it with LLM\(model, tensor_parallel_size=2\)"):
+                                            r"it: launch 2 ranks \(torchrun --nproc-per-node 2"):
         greedy_compiled(tp2)
     from aotllm.graphs.manifest import check_world_size
 
