@@ -29,9 +29,10 @@ def cpu_record(buckets: tuple[Bucket, ...], dtype: torch.dtype, inductor: bool) 
     record: dict = {"isa": cpu_isa.detect().to_dict()}
     if inductor:
         # Decoder-layer linears see batch x tokens rows (the LM head only the
-        # batch: at prefill it may stay native where the body does not).
+        # batch: at prefill it may take another kernel than the body).
         record["inductor_vec_isa"] = inductor_vec_isa()
         record["linear_kernels"] = {
-            b.name: float_linear_kernel(b.batch * b.tokens, dtype, torch.device("cpu"))
+            b.name: float_linear_kernel(b.batch * b.tokens, dtype, torch.device("cpu"),
+                                        compiled=True)
             for b in buckets}
     return record

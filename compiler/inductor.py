@@ -14,7 +14,7 @@ from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import BackendTraits
-from aotllm.models.float_kernels import FP32_MIN_ROWS
+from aotllm.models.float_kernels import FP32_MIN_ROWS, GEMV_MAX_ROWS
 from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS
 from aotllm.models.ops import TorchOps
 
@@ -72,7 +72,8 @@ class InductorBackend:
         out = []
         scheme = (quant or {}).get("scheme")
         if model is None:
-            thresholds = (("<=", INT8PACK_MAX_ROWS), (">=", FP32_MIN_ROWS))
+            thresholds = (("<=", GEMV_MAX_ROWS), ("<=", INT8PACK_MAX_ROWS),
+                          (">=", FP32_MIN_ROWS))
         else:
             # Kernel thresholds, and any a module declares (the MoE path switch).
             thresholds = row_thresholds(model.dtype, scheme, self.device) + tuple(dict.fromkeys(

@@ -73,15 +73,16 @@ def bucket_key(common: dict, bucket: Bucket) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: torch.device
-             ) -> dict[str, str]:
+def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: torch.device,
+             inductor: bool) -> dict[str, str]:
     """Which int8 kernel each bucket's decoder-layer linears use (decided by rows,
     dtype, device). A quantized LM head sees only the B last tokens, so at
     prefill it may take the small-M kernel where the body does not."""
     if quant["scheme"] != "w8a16":
         return {b.name: w8a8_kernel(device) for b in buckets}
     grouped = quant["group_size"] is not None
-    return {b.name: w8a16_kernel(b.batch * b.tokens, dtype, device, grouped) for b in buckets}
+    return {b.name: w8a16_kernel(b.batch * b.tokens, dtype, device, grouped, compiled=inductor)
+            for b in buckets}
 
 
 def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
@@ -160,7 +161,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     spec = KVCacheSpec(config.num_layers, model.model.layers[0].self_attn.num_kv_heads,
                        config.head_dim, cfg.block_size, dtype_name)
     if quant is not None:
-        quant["kernels"] = _kernels(quant, plan.buckets, model.dtype, device)
+        quant["kernels"] = _kernels(quant, plan.buckets, model.dtype, device,
+                                    backend.name == "inductor")
     cpu = (cpu_record(plan.buckets, model.dtype, backend.name == "inductor")
            if device_type == "cpu" else None)
     common = {

@@ -159,6 +159,8 @@ class TorchOps:
         # more than this tiny amount of math; Inductor fuses the softmax.
         g = hq // hkv
         qg = q.view(b, hkv, g, d)  # head h reads kv head h // g
+        if q.device.type == "cpu" and torch.compiler.is_compiling():
+            return _decode_attention_reductions(qg, k, v, mask, scale).view(b, 1, hq, d)
         # Contiguous [B, Hkv, S, D]: the gather then copies whole head_dim rows
         # and the matmul reads K through a transposed view instead of Inductor
         # materialising K^T element by element.
@@ -188,10 +190,15 @@ class TorchOps:
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Prefill-sized bf16/fp16 calls on a CPU without native half-precision
-        # matmuls compute in fp32 (float_kernels.py); decided at trace time.
-        if float_kernels.float_linear_kernel(_rows(x), x.dtype, x.device) == "fp32_chunked":
+        # bf16/fp16 on CPU (float_kernels.py), decided at trace time: one row
+        # in a compiled graph is a reduction; prefill-sized calls on a CPU
+        # without native half-precision matmuls compute in fp32.
+        kernel = float_kernels.float_linear_kernel(_rows(x), x.dtype, x.device,
+                                                   torch.compiler.is_compiling())
+        if kernel == "fp32_chunked":
             return float_kernels.linear_fp32_chunked(x, weight, bias)
+        if kernel == "gemv":
+            return float_kernels.linear_gemv(x, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -214,6 +221,25 @@ class TorchOps:
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
+
+
+def _decode_attention_reductions(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention written as reductions, for compiled CPU graphs: Inductor
+    fuses the block gather into them, where two batched matmuls per layer are
+    library calls of ~75 us each, a tenth of a 125M model's batch-1 step.
+    The same roundings as the matmul route (scores and output rounded to the
+    model dtype), FP32 accumulation. qg [B, Hkv, G, D]; k, v [B, Hkv, S, D]
+    (gathered views); mask [B, 1, S]."""
+    b, hkv, g, d = qg.shape
+    s = k.shape[2]
+    qg = float_kernels.realized(qg)  # the rotary output, computed once
+    scores = (qg.float().unsqueeze(-2) * k.float().unsqueeze(2)).sum(-1)  # [B, Hkv, G, S]
+    scores = scores.to(qg.dtype).float() * scale
+    scores = scores.masked_fill(~mask.view(b, 1, 1, s), float("-inf"))
+    probs = float_kernels.realized(torch.softmax(scores, dim=-1).to(qg.dtype))
+    out = (probs.float().unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)  # [B, Hkv, G, D]
+    return out.to(qg.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

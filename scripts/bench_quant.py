@@ -13,6 +13,9 @@ checkpoint (bf16, q8_0; for SmolLM2 also the Q4_1 file it ships as).
     python scripts/bench_quant.py [--model smollm2|125m|PATH] [--schemes none,w8a16,w8a8]
         [--batch-sizes 1,8] [--prompt-len 128] [--new-tokens 128] [--ppl] [--peers]
 
+A scheme may end in +head (w8a16+head): the LM head quantized too, as in
+llama.cpp's q8_0 files.
+
 Run it on an idle machine (see scripts/bench.py).
 """
 
@@ -91,7 +94,6 @@ def kv_bytes(manifest: dict, batch: int, context: int) -> int:
 def compile_scheme(model: Path, out: Path, scheme: str | None, args) -> tuple[Path, float]:
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
-    from aotllm.quantize.config import QuantConfig
 
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
     max_len = -(-(args.prompt_len + args.new_tokens) // 16) * 16
@@ -99,8 +101,21 @@ def compile_scheme(model: Path, out: Path, scheme: str | None, args) -> tuple[Pa
         model=str(model), output=str(out), dtype=args.dtype, max_model_len=max_len,
         max_num_seqs=max(batches), prefill_buckets=(args.prompt_len,),
         decode_batch_sizes=batches, context_buckets=(max_len,),
-        quantization=QuantConfig(scheme) if scheme else None))
+        quantization=quant_config(scheme)))
     return out, sum(g.compile_seconds for g in manifest.graphs)
+
+
+def quant_config(scheme: str | None):
+    """A scheme name, optionally with "+head": the LM head quantized too (as
+    llama.cpp's q8_0 files quantize their output matrix)."""
+    from aotllm.quantize.config import QuantConfig
+
+    if scheme is None:
+        return None
+    name, _, extra = scheme.partition("+")
+    if extra not in ("", "head"):
+        raise SystemExit(f"unknown scheme suffix +{extra} (only +head)")
+    return QuantConfig(name, quantize_lm_head=extra == "head")
 
 
 def hf_dir_for_peers(model: Path, cache: Path) -> Path:

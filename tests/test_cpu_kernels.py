@@ -8,6 +8,7 @@ torch loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -56,21 +57,31 @@ def test_onednn_cap_admits_only_isas_up_to_it():
 def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     monkeypatch.setattr(cpu_isa, "detect", lambda: NO_NATIVE)
-    choice = float_kernels.float_linear_kernel
+    choice = functools.partial(float_kernels.float_linear_kernel, compiled=True)
+    eager = functools.partial(float_kernels.float_linear_kernel, compiled=False)
+    w8a16 = functools.partial(int8_kernels.w8a16_kernel, compiled=True)
     assert choice(16, bf16, cpu) == "fp32_chunked"  # prefill-sized
     assert choice(16, torch.float16, cpu) == "fp32_chunked"
     assert choice(4, bf16, cpu) == "fp32_chunked"  # a decode batch of 4
     assert choice(2, bf16, cpu) == "native"
-    assert choice(1, bf16, cpu) == "native"  # one row: bandwidth bound, compact wins
+    assert choice(1, bf16, cpu) == "gemv"  # one row: bandwidth bound, compact wins
+    assert eager(1, bf16, cpu) == "native"  # eagerly a reduction materialises [N, K]
+    assert choice(1, torch.float32, cpu) == "native"
     assert choice(128, torch.float32, cpu) == "native"
     assert choice(128, bf16, torch.device("meta")) == "native"  # not a CPU graph
-    assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
-    assert int8_kernels.w8a16_kernel(8, bf16, cpu, grouped=False) == "weight_int8pack_mm"
-    assert int8_kernels.w8a16_kernel(17, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
-    assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=True) == "dequant_matmul"
+    assert choice(1, bf16, torch.device("cuda")) == "native"
+    assert w8a16(128, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
+    assert w8a16(8, bf16, cpu, grouped=False) == "weight_int8pack_mm"
+    assert w8a16(1, bf16, cpu, grouped=False) == "gemv"
+    assert w8a16(1, bf16, cpu, grouped=True) == "dequant_matmul"  # grouped scales
+    assert int8_kernels.w8a16_kernel(1, bf16, cpu, grouped=False, compiled=False) == (
+        "weight_int8pack_mm")
+    assert w8a16(17, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
+    assert w8a16(128, bf16, cpu, grouped=True) == "dequant_matmul"
     monkeypatch.setattr(cpu_isa, "detect", lambda: ALL_NATIVE)
     assert choice(128, bf16, cpu) == "native"
-    assert int8_kernels.w8a16_kernel(128, bf16, cpu, grouped=False) == "dequant_matmul"
+    assert choice(1, bf16, cpu) == "gemv"
+    assert w8a16(128, bf16, cpu, grouped=False) == "dequant_matmul"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -122,7 +133,7 @@ print(json.dumps({"compiled": compiled, "eager": eager,
 @pytest.mark.slow
 def test_avx2_artifact_without_native_bf16(tiny_models, tmp_path, caplog, one_thread):
     """Compiled with the ISA restricted to AVX2: prefill linears compute in fp32
-    (several chunks), decode stays native; compiled == eager under the same
+    (several chunks), decode is the one-row reduction; compiled == eager under the same
     restriction; the manifest says so; and on this (unrestricted) CPU the same
     artifact runs, gives the same tokens, and logs that it was tuned for
     another CPU."""
@@ -137,7 +148,7 @@ def test_avx2_artifact_without_native_bf16(tiny_models, tmp_path, caplog, one_th
     assert cpu["isa"]["native_bf16"] is False and cpu["inductor_vec_isa"] == "avx2"
     assert cpu["linear_kernels"] == {
         "prefill_b1_t16_c4": "fp32_chunked", "prefill_b1_t32_c4": "fp32_chunked",
-        "decode_b1_t1_c4": "native"}
+        "decode_b1_t1_c4": "gemv"}
 
     # The "aotllm" logger does not propagate (logger.py): listen on it directly.
     log = logging.getLogger("aotllm.runtime.cpu_check")
@@ -168,3 +179,51 @@ def test_artifact_for_missing_isa_is_refused(artifacts, monkeypatch):
     monkeypatch.setattr(cpu_check, "_HAS", {name: (lambda: False) for name in cpu_check._HAS})
     with pytest.raises(ArtifactError, match="compiled for .* recompile it on this machine"):
         LLM(str(artifact))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_is_an_fp32_dot_product_rounded_once(dtype):
+    """The one-row reduction (what compiled graphs run at one row) computes
+    the FP32 product of the stored values, like a native GEMM, float and int8
+    weights alike."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 96, generator=g).to(dtype)
+    w = (torch.randn(300, 96, generator=g) * 0.05).to(dtype)
+    bias = torch.randn(300, generator=g).to(dtype)
+    want = (F.linear(x.float(), w.float(), bias.float())).to(dtype)
+    got = float_kernels.linear_gemv(x, w, bias)
+    assert got.shape == (1, 1, 300) and got.dtype == dtype
+    assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+    q = torch.randint(-127, 128, (300, 96), generator=g, dtype=torch.int8)
+    scale = torch.rand(300, generator=g) * 0.01
+    want = (F.linear(x.float(), q.float()) * scale).to(dtype)
+    assert torch.allclose(float_kernels.linear_gemv(x, q, None, scale).float(), want.float(),
+                          rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_as_reductions_equals_the_matmul_route(dtype, monkeypatch):
+    """Compiled CPU graphs run decode attention as reductions (ops.py): the
+    same masked softmax over each row's blocks as the eager matmul route,
+    grouped query heads included."""
+    from aotllm.models.ops import TorchOps
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, d, bs, blocks = 3, 6, 2, 16, 4, 12
+    cache = torch.randn(2, blocks, bs, hkv, d, generator=g).to(dtype)
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype)
+    tables = torch.tensor([[3, 7, 1], [0, 2, 5], [11, 4, 9]])
+    positions = torch.tensor([[9], [2], [11]])  # row 1 sees 3 tokens, row 2 all 12
+    context_lens = positions.view(-1) + 1
+    args = (q, cache, tables, positions, context_lens, torch.ones(b, dtype=torch.long), 0.25)
+    want = TorchOps.paged_attention(*args)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = TorchOps.paged_attention(*args)
+    assert got.shape == want.shape == (b, 1, hq, d) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    # Row 1 reads only its first three cached tokens: changing a later one
+    # in its blocks changes nothing.
+    cache[0, 0, 3] += 100
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(TorchOps.paged_attention(*args)[1], got[1])

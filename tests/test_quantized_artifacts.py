@@ -20,7 +20,8 @@ from aotllm.quantize.config import QuantConfig
 pytestmark = pytest.mark.slow
 
 # Four graphs: prefill 16 (w8a16 bf16 takes the int8pack kernel at <= 16
-# rows) and 64 (dequantize-then-matmul), decode batch 1 and 4.
+# rows) and 64 (dequantize-then-matmul), decode batch 1 (the one-row
+# reduction) and 4 (int8pack).
 PLAN = dict(prefill_buckets=(16, 64), decode_batch_sizes=(1, 4), context_buckets=(128,))
 EAGER_KW = dict(enforce_eager=True, block_size=16, max_model_len=128, max_num_seqs=4)
 LENGTHS = [3, 20, 70]  # 70 tokens: chunked prefill over both prefill buckets
@@ -66,10 +67,11 @@ def _top5(step: dict) -> set[int]:
     return {tok for tok, lp in step.items() if lp.rank is not None and lp.rank <= 5}
 
 
-def test_bf16_w8a16_artifact_uses_both_kernels_and_agrees_with_eager(artifacts, llama_dir):
+def test_bf16_w8a16_artifact_uses_its_kernels_and_agrees_with_eager(artifacts, llama_dir):
     path = artifacts.get("llama-gqa", "bfloat16", quantization="w8a16", **PLAN)
     kernels = Manifest.read(path).quantization["kernels"]
-    assert kernels["decode_b1_t1_c8"] == "weight_int8pack_mm"
+    assert kernels["decode_b1_t1_c8"] == "gemv"
+    assert kernels["decode_b4_t1_c8"] == "weight_int8pack_mm"
     assert kernels["prefill_b1_t16_c8"] == "weight_int8pack_mm"
     assert kernels["prefill_b1_t64_c8"] == "dequant_matmul"
     compiled = LLM(str(path))

@@ -1,9 +1,12 @@
 """The real-model tier: SmolLM2-135M-Instruct (fetched once per machine, cached).
 
 Random weights say nothing about quantization error or readable answers; this
-trained model does. Three bf16 artifacts of it are compiled once per session
-(no quantization, w8a16, w8a8), two graphs each: prefill chunks of 64 tokens
-and decode batch 8, context 256.
+trained model does. One bf16 artifact of it is compiled once per session, two
+graphs: prefill chunks of 64 tokens and decode batch 8, context 256. The
+quantized schemes are scored on the eager quantized model against that
+artifact: a 30-layer graph costs minutes to compile on the CI machine, and
+that the compiled quantized artifact gives the eager quantized model's tokens
+is checked on tiny models (tests/test_quantized_artifacts.py).
 """
 
 from __future__ import annotations
@@ -44,24 +47,22 @@ def smollm2() -> str:
 
 
 @pytest.fixture(scope="session")
-def smol_artifacts(smollm2, tmp_path_factory):
+def smol_bf16(smollm2, tmp_path_factory) -> Path:
+    """The compiled bf16 artifact."""
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
-    from aotllm.quantize.config import QuantConfig
 
-    root = tmp_path_factory.mktemp("smollm2")
-    built = {}
+    out = tmp_path_factory.mktemp("smollm2") / "bf16"
+    compile_artifact(CompileConfig(model=smollm2, output=str(out), dtype="bfloat16", **PLAN))
+    return out
 
-    def get(scheme: str | None):
-        if scheme not in built:
-            out = root / f"bf16-{scheme}"
-            compile_artifact(CompileConfig(
-                model=smollm2, output=str(out), dtype="bfloat16",
-                quantization=QuantConfig(scheme) if scheme else None, **PLAN))
-            built[scheme] = out
-        return built[scheme]
 
-    return get
+def eager_quantized(smollm2: str, scheme: str) -> LLM:
+    """The eager quantized model, with the artifact's KV plan (the same int8
+    weights and scales a compiled artifact of the scheme would hold)."""
+    return LLM(smollm2, enforce_eager=True, dtype="bfloat16", quantization=scheme,
+               max_model_len=PLAN["max_model_len"], max_num_seqs=PLAN["max_num_seqs"],
+               block_size=PLAN["block_size"])
 
 
 @pytest.fixture(scope="session")
@@ -76,17 +77,17 @@ def hf_float32(smollm2):
 
 
 @pytest.fixture(scope="session")
-def held_out_ids(smol_artifacts) -> list[int]:
+def held_out_ids(smol_bf16) -> list[int]:
     from aotllm.runtime.tokenizer import load_tokenizer
 
-    return load_tokenizer(smol_artifacts(None)).encode(HELD_OUT.read_text())[: POSITIONS + 1]
+    return load_tokenizer(smol_bf16).encode(HELD_OUT.read_text())[: POSITIONS + 1]
 
 
 @pytest.fixture(scope="session")
-def scores(smol_artifacts, held_out_ids) -> dict[str | None, ScoreResult]:
+def scores(smollm2, smol_bf16, held_out_ids) -> dict[str | None, ScoreResult]:
     out = {}
     for scheme in (None, "w8a16", "w8a8"):
-        llm = LLM(str(smol_artifacts(scheme)))
+        llm = eager_quantized(smollm2, scheme) if scheme else LLM(str(smol_bf16))
         out[scheme] = score_tokens(llm.llm_engine, held_out_ids, window=WINDOW)
         del llm
     return out
@@ -122,12 +123,13 @@ def test_bf16_artifact_perplexity_is_that_of_a_trained_model(scores):
 @pytest.mark.parametrize("scheme,ppl_tol,min_agree,min_all", [
     ("w8a16", 0.01, 0.98, 0.94), ("w8a8", 0.03, 0.95, 0.91)])
 def test_quantized_perplexity_and_top1_agreement(scores, scheme, ppl_tol, min_agree, min_all):
-    """Perplexity within the issue's bounds (1% / 3% of bf16) and top-1
+    """The eager quantized models against the compiled bf16 artifact:
+    perplexity within the issue's bounds (1% / 3% of bf16) and top-1
     agreement with bf16 of at least the issue's 98% / 95% on the (1,000 or
     more) positions bf16 resolves (see the test above); measured 99.8% and
-    99.1%, perplexity +0.08% and +0.78%. Over all positions, near-ties
-    included, the floor is what int8 weights reach with a margin (measured
-    95.6% and 93.3%, where float32 reaches 96.5%)."""
+    99.3% of 1,579, perplexity +0.19% and +0.52%. Over all positions,
+    near-ties included, the floor is what int8 weights reach with a margin
+    (measured 95.5% and 93.6%, where float32 reaches 96.5%)."""
     bf16, q = scores[None], scores[scheme]
     assert abs(q.perplexity / bf16.perplexity - 1) <= ppl_tol, (q.perplexity, bf16.perplexity)
     assert q.num_tokens == POSITIONS
@@ -141,13 +143,13 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Give me three tips for staying healthy."]
 
 
-def test_bf16_artifact_chat_answers_equal_transformers(smol_artifacts, hf_float32):
+def test_bf16_artifact_chat_answers_equal_transformers(smol_bf16, hf_float32):
     """Greedy answers equal transformers' token for token, except that after a
     step where transformers' own two candidates are within NEAR_TIE of each
     other, the continuations may part (bf16 rounding order differs between
     any two implementations; even aotllm's eager model parts from
     transformers on one of these answers)."""
-    llm = LLM(str(smol_artifacts(None)))
+    llm = LLM(str(smol_bf16))
     params = SamplingParams(temperature=0, max_tokens=32)
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
     outs = llm.chat(chats, params, use_tqdm=False)
