@@ -14,6 +14,7 @@ from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import BackendTraits
+from aotllm.models import float_kernels
 from aotllm.models.float_kernels import FP32_MIN_ROWS, GEMV_MAX_ROWS
 from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS
 from aotllm.models.ops import TorchOps
@@ -85,8 +86,10 @@ class InductorBackend:
 
     def compile_bucket(self, model, bucket: Bucket, spec: KVCacheSpec, out_path: Path) -> None:
         group = self.groups.get(bucket)
-        program = export_bucket(model, bucket, spec, self.device,
-                                group if group is not None and len(group.buckets) > 1 else None)
+        with float_kernels.inductor_capture():
+            program = export_bucket(model, bucket, spec, self.device,
+                                    group if group is not None and len(group.buckets) > 1
+                                    else None)
         configs = dict(_INDUCTOR_CONFIGS)
         if model.tp.enabled:
             # Inductor inlines 1-D constants of <= 8 elements into the code;

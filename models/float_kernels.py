@@ -2,14 +2,15 @@
 and every call on a CPU without native BF16/FP16 matmuls.
 
 One row (decode at batch 1, the LM head of a one-sequence prefill) is a
-matrix-vector product, bound by reading the weight once. oneDNN's bf16 GEMM
-reads it at about a third of the machine's bandwidth there; written as a
+matrix-vector product, bound by reading the weight once. A oneDNN GEMM call
+per linear streams the small matrices of a decoder layer slowly; written as a
 reduction, `(x.float().unsqueeze(-2) * w.float()).sum(-1)`, Inductor emits a
 vectorised loop over the weight's rows that converts and accumulates in FP32
 as it streams them (measured on the 125M Llama's 49 linears, 2-core Xeon with
 AVX-512 BF16: 24.6 ms native, 15.5 ms as a reduction). Two conditions:
-- only in compiled graphs: eagerly the same expression materialises an
-  [N, K] FP32 product;
+- only in graphs the Inductor backend traces (`inductor_capture`): eagerly
+  the same expression materialises an [N, K] FP32 product, and ONNX
+  Runtime or GE would too;
 - its input is realised first (`realized`): otherwise Inductor inlines the
   producer (the norm, the rotary embedding) into the reduction and recomputes
   it for every output element (measured 35 ms instead of 25 for one graph,
@@ -32,9 +33,10 @@ ONEDNN_MAX_CPU_ISA=AVX2), microseconds:
     fp32, 512-row    384   831   461   592   855   2985
     fp32 weights     324   337   579   796   728   2511   (2x the memory)
 
-So one row stays native (bandwidth bound: the compact read wins), and from 4
-rows on the chunked FP32 route is 1.7x (4 rows) to 7.5x (128) faster; at 2
-rows the two are close, and it stays native.
+So one row stays compact (bandwidth bound: the compact read wins; in
+compiled graphs it is the GEMV above), and from 4 rows on the chunked FP32
+route is 1.7x (4 rows) to 7.5x (128) faster; at 2 rows the two are close,
+and it stays native.
 
 Like `int8_kernels`, the choice is made from static facts (rows, dtype,
 device, the CPU as `cpu_isa.detect` sees it at trace time), so each bucket
@@ -42,6 +44,9 @@ graph bakes in its own; the compiler records the choices in the manifest.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +61,30 @@ GEMV_MAX_ROWS = 1
 CHUNK_ROWS = 512
 
 
+_inductor_capture = False
+
+
+@contextlib.contextmanager
+def inductor_capture() -> Iterator[None]:
+    """Set by the Inductor backend around its export: the ops then take the
+    reduction forms Inductor fuses (here and in ops.py). Other traces (ONNX
+    export, torchair) keep the matmuls their runtimes have kernels for."""
+    global _inductor_capture
+    before, _inductor_capture = _inductor_capture, True
+    try:
+        yield
+    finally:
+        _inductor_capture = before
+
+
+def in_inductor_capture() -> bool:
+    return _inductor_capture and torch.compiler.is_compiling()
+
+
 def float_linear_kernel(rows: int, dtype: torch.dtype, device: torch.device,
                         compiled: bool) -> str:
     """"native" (F.linear in the model dtype), "fp32_chunked" or "gemv".
-    `compiled`: the call is being traced into a graph (Inductor's)."""
+    `compiled`: the call is being traced for Inductor (`in_inductor_capture`)."""
     # `rows` is compared last: in a dynamic-shape trace it is symbolic, and a
     # comparison whose answer does not matter would still add a guard.
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):

@@ -38,7 +38,7 @@ _INT8_MIN, _INT8_MAX = -128, 127
 def w8a16_kernel(rows: int, dtype: torch.dtype, device: torch.device, grouped: bool,
                  compiled: bool) -> str:
     """The kernel a w8a16 linear of `rows` rows uses; recorded in the manifest.
-    `compiled`: the call is being traced into a graph (Inductor's)."""
+    `compiled`: the call is being traced for Inductor (`in_inductor_capture`)."""
     if (not grouped and float_kernels.float_linear_kernel(rows, dtype, device, compiled)
             == "gemv"):
         # The one-row reduction reads int8 weights as it reads bf16 ones:
@@ -70,7 +70,8 @@ def _rows(x: torch.Tensor) -> int:
 def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     grouped = scale.dim() == 2
-    kernel = w8a16_kernel(_rows(x), x.dtype, x.device, grouped, torch.compiler.is_compiling())
+    kernel = w8a16_kernel(_rows(x), x.dtype, x.device, grouped,
+                          float_kernels.in_inductor_capture())
     if kernel == "gemv":
         return float_kernels.linear_gemv(x, qweight, bias, scale)
     if kernel == "weight_int8pack_mm":

@@ -159,7 +159,7 @@ class TorchOps:
         # more than this tiny amount of math; Inductor fuses the softmax.
         g = hq // hkv
         qg = q.view(b, hkv, g, d)  # head h reads kv head h // g
-        if q.device.type == "cpu" and torch.compiler.is_compiling():
+        if q.device.type == "cpu" and float_kernels.in_inductor_capture():
             return _decode_attention_reductions(qg, k, v, mask, scale).view(b, 1, hq, d)
         # Contiguous [B, Hkv, S, D]: the gather then copies whole head_dim rows
         # and the matmul reads K through a transposed view instead of Inductor
@@ -194,7 +194,7 @@ class TorchOps:
         # in a compiled graph is a reduction; prefill-sized calls on a CPU
         # without native half-precision matmuls compute in fp32.
         kernel = float_kernels.float_linear_kernel(_rows(x), x.dtype, x.device,
-                                                   torch.compiler.is_compiling())
+                                                   float_kernels.in_inductor_capture())
         if kernel == "fp32_chunked":
             return float_kernels.linear_fp32_chunked(x, weight, bias)
         if kernel == "gemv":

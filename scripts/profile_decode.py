@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from aotllm.compiler.export import example_inputs, export_bucket
     from aotllm.graphs.buckets import Bucket
     from aotllm.graphs.kv_cache import KVCacheSpec
+    from aotllm.models import float_kernels
     from aotllm.models.loader import load_model
 
     model = load_model(args.checkpoint, args.dtype)
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, args.block_size,
                        str(model.dtype).removeprefix("torch."))
     bucket = Bucket("decode", args.batch, 1, args.context // args.block_size)
-    program = export_bucket(model, bucket, spec, torch.device("cpu"))
+    with float_kernels.inductor_capture():  # the kernels the Inductor backend picks
+        program = export_bucket(model, bucket, spec, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         path = torch._inductor.aoti_compile_and_package(
             program, package_path=str(Path(tmp) / "profile.pt2"),

@@ -217,13 +217,53 @@ def test_decode_attention_as_reductions_equals_the_matmul_route(dtype, monkeypat
     context_lens = positions.view(-1) + 1
     args = (q, cache, tables, positions, context_lens, torch.ones(b, dtype=torch.long), 0.25)
     want = TorchOps.paged_attention(*args)
+    # Only a trace for Inductor takes the reductions (ONNX export keeps matmuls).
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    got = TorchOps.paged_attention(*args)
+    assert not float_kernels.in_inductor_capture()
+    with float_kernels.inductor_capture():
+        assert float_kernels.in_inductor_capture()
+        got = TorchOps.paged_attention(*args)
+    assert not float_kernels.in_inductor_capture()
     assert got.shape == want.shape == (b, 1, hq, d) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
     # Row 1 reads only its first three cached tokens: changing a later one
     # in its blocks changes nothing.
     cache[0, 0, 3] += 100
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert torch.equal(TorchOps.paged_attention(*args)[1], got[1])
+    with float_kernels.inductor_capture():
+        assert torch.equal(TorchOps.paged_attention(*args)[1], got[1])
+
+
+@pytest.mark.parametrize("scheme", [None, "w8a16"])
+def test_inductor_backend_traces_batch_one_decode_without_matmuls(llama_dir, scheme,
+                                                                  monkeypatch, tmp_path):
+    """The Inductor backend's capture takes the reduction forms: a bf16 decode
+    graph at batch 1 has no matmul left for Inductor to hand to a library
+    (linears are GEMVs, attention is two reductions)."""
+    from types import SimpleNamespace
+
+    from aotllm.compiler.inductor import InductorBackend
+    from aotllm.graphs.buckets import Bucket
+    from aotllm.graphs.kv_cache import KVCacheSpec
+    from aotllm.models.checkpoint import open_checkpoint
+    from aotllm.quantize.config import QuantConfig
+    from aotllm.quantize.load import load_quantized
+
+    cpu = torch.device("cpu")
+    quant = QuantConfig(scheme) if scheme else None
+    model, _ = load_quantized(llama_dir, "bfloat16", cpu, quant,
+                              open_checkpoint(llama_dir).load_tokenizer)
+    c = model.config
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16, "bfloat16")
+    backend = InductorBackend(SimpleNamespace(device="cpu", dynamic_shapes=False))
+    programs = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda program, **kw: programs.append(program))
+    for batch in (1, 4):
+        backend.compile_bucket(model, Bucket("decode", batch, 1, 4), spec, tmp_path / "g.pt2")
+    targets = [{str(n.target) for n in p.graph.nodes if n.op == "call_function"}
+               for p in programs]
+    library = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default",
+               "aten.linear.default", "aten._weight_int8pack_mm.default"}
+    assert not targets[0] & library, targets[0] & library
+    assert targets[1] & library  # batch 4 keeps the library kernels
