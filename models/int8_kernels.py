@@ -41,8 +41,9 @@ def w8a16_kernel(rows: int, dtype: torch.dtype, device: torch.device, grouped: b
     `compiled`: the call is being traced for Inductor (`in_inductor_capture`)."""
     if (not grouped and float_kernels.float_linear_kernel(rows, dtype, device, compiled)
             == "gemv"):
-        # The one-row reduction reads int8 weights as it reads bf16 ones:
-        # 1.7x faster than _weight_int8pack_mm (float_kernels.py).
+        # The one-row reduction reads int8 weights as it reads bf16 ones
+        # (float_kernels.py): the 125M Llama's 49 linears in int8 took 8.5 ms
+        # this way against 14.8 ms through _weight_int8pack_mm.
         return "gemv"
     if (device.type == "cpu" and not grouped and dtype == torch.bfloat16
             and rows <= INT8PACK_MAX_ROWS):
