@@ -225,14 +225,13 @@ def _rows(x: torch.Tensor) -> int:
 
 def _decode_attention_reductions(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention written as reductions, for compiled CPU graphs: Inductor
+    """Decode attention written as reductions, for Inductor CPU graphs: Inductor
     fuses the block gather into them, where two batched matmuls per layer are
     library calls of ~75 us each, a tenth of a 125M model's batch-1 step.
     The same roundings as the matmul route (scores and output rounded to the
     model dtype), FP32 accumulation. qg [B, Hkv, G, D]; k, v [B, Hkv, S, D]
     (gathered views); mask [B, 1, S]."""
-    b, hkv, g, d = qg.shape
-    s = k.shape[2]
+    b, s = qg.shape[0], k.shape[2]
     qg = float_kernels.realized(qg)  # the rotary output, computed once
     scores = (qg.float().unsqueeze(-2) * k.float().unsqueeze(2)).sum(-1)  # [B, Hkv, G, S]
     scores = scores.to(qg.dtype).float() * scale

@@ -133,10 +133,10 @@ print(json.dumps({"compiled": compiled, "eager": eager,
 @pytest.mark.slow
 def test_avx2_artifact_without_native_bf16(tiny_models, tmp_path, caplog, one_thread):
     """Compiled with the ISA restricted to AVX2: prefill linears compute in fp32
-    (several chunks), decode is the one-row reduction; compiled == eager under the same
-    restriction; the manifest says so; and on this (unrestricted) CPU the same
-    artifact runs, gives the same tokens, and logs that it was tuned for
-    another CPU."""
+    (several chunks), decode is the one-row reduction; compiled == eager under
+    the same restriction; the manifest says so; and on this (unrestricted)
+    CPU the same artifact runs, gives the same tokens, and logs that it was
+    tuned for another CPU."""
     from aotllm import LLM, SamplingParams
 
     model = tiny_models.get("llama-gqa")
