@@ -168,7 +168,8 @@ def resolve_model(args: EngineArgs) -> EngineArgs:
         args = dataclasses.replace(args, max_num_seqs=max_num_seqs)
     else:
         cfg = CompileConfig(**common, device=args.resolve_device().type,
-                            max_num_seqs=args.max_num_seqs)
+                            max_num_seqs=args.max_num_seqs,
+                            tensor_parallel_size=args.tensor_parallel_size)
     artifact = cached_artifact(cfg)
     return dataclasses.replace(args, model=str(artifact), dtype="auto")
 

@@ -49,7 +49,7 @@ from aotllm.graphs.manifest import (
 from aotllm.models.checkpoint import open_checkpoint
 from aotllm.models.config import ModelConfig
 from aotllm.models.int8_kernels import w8a8_kernel, w8a16_kernel
-from aotllm.models.parallel import TensorParallel, init_group_for_trace
+from aotllm.models.parallel import TensorParallel
 from aotllm.quantize.load import load_quantized
 
 logger = logging.getLogger(__name__)
@@ -238,17 +238,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         bar.update(1)
 
     workers = cfg.compile_workers if getattr(backend, "parallel_compile", False) else 1
-    if tp_size > 1:
-        # The graphs name the default process group; tracing needs one to
-        # exist, not its peers (models/parallel.py: a fake group).
-        init_group_for_trace(TensorParallel(0, tp_size))
-    try:
-        compile_graphs(backend, model, spec, list(todo), scratch, workers, done)
-    finally:
-        if tp_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    # A TP model's graphs are traced in forked workers with a fake process
+    # group each (compiler/parallel.py says why).
+    compile_graphs(backend, model, spec, list(todo), scratch, workers, done, tp_size)
     bar.close()
     entries = [by_bucket[b] for b in plan.buckets]
 

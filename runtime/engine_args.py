@@ -45,10 +45,9 @@ class EngineArgs:
 
         object.__setattr__(self, "quantization", resolve_scheme(self.quantization))
         self.torchair_graph_config()  # validates, with vllm-ascend's rules
-        if self.tensor_parallel_size != 1:
+        if self.tensor_parallel_size < 1:
             raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1"
-            )
+                f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
 
     def torchair_graph_config(self):
         from aotllm.runtime.ascend_config import TorchairGraphConfig

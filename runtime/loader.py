@@ -17,7 +17,7 @@ import torch
 
 from aotllm.graphs.devices import device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
+from aotllm.graphs.manifest import ArtifactError, Manifest, check_world_size, is_artifact_dir
 from aotllm.models.gguf_checkpoint import is_gguf_file
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
 from aotllm.runtime.cpu_check import check_cpu
@@ -30,6 +30,7 @@ from aotllm.runtime.model_runner import EagerExecutor, ModelRunner
 from aotllm.runtime.sampler import Sampler
 from aotllm.runtime.scheduler import Scheduler
 from aotllm.runtime.tokenizer import eos_token_ids, load_tokenizer
+from aotllm.runtime.tp_workers import BroadcastExecutor, WorkerGroup, eager_kv_spec
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def _finish_engine(args, executor, kv_spec, max_model_len, max_num_seqs, token_b
         num_gpu_blocks_override=args.num_gpu_blocks_override,
     )
     num_blocks = determine_num_blocks(cache_config, sched_config, kv_spec, device, weights_bytes)
+    if hasattr(executor, "start"):  # tensor parallel: every rank allocates as many blocks
+        executor.start(num_blocks)
     model_generation_config = read_generation_config(tokenizer_dir, "auto", generation_config)
     eos = eos_token_ids(tokenizer_dir, hf_config, tokenizer, model_generation_config)
     if args.generation_config != "auto":
@@ -90,6 +93,9 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
 
     manifest = Manifest.read(args.model)
     check_cpu(manifest)
+    tp = manifest.tensor_parallel_size
+    if args.tensor_parallel_size not in (1, tp):
+        check_world_size(manifest, args.tensor_parallel_size)
     if args.device != "auto":
         device = args.resolve_device()
     elif not is_available(device_type(manifest.device)):
@@ -121,6 +127,8 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     # The tokenizer (mostly importing transformers) loads in a thread while
     # the artifact loads; the digests and the graph packages' loading release
     # the GIL.
+    # A TP artifact starts its other ranks first (they load while rank 0 does).
+    group = _start_workers(args, True, device, tp, spec.block_size) if tp > 1 else None
     with ThreadPoolExecutor(max_workers=1) as pool:
         tokenizer_future = pool.submit(load_tokenizer, args.tokenizer or args.model)
         artifact = load_artifact(args.model, device)
@@ -150,7 +158,10 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
                 "recompile with --num-gpu-blocks-override to change it"
             )
         args = dataclasses.replace(args, num_gpu_blocks_override=fixed)
-    return _finish_engine(args, CompiledExecutor(artifact, device), spec, max_model_len,
+    executor = CompiledExecutor(artifact, device)
+    if group is not None:
+        executor = BroadcastExecutor(executor, group)
+    return _finish_engine(args, executor, spec, max_model_len,
                           max_num_seqs, budget, artifact.weights_bytes, manifest.model_config,
                           _vocab_size(manifest),
                           args.model, dtype, tokenizer)
@@ -165,6 +176,9 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
     source = open_checkpoint(args.model)
     t0 = time.perf_counter()
     quant = QuantConfig(args.quantization) if args.quantization else None
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        return _build_eager_tp_engine(args, source, device, quant)
     # Loaded after the model (whose config check names an unsupported
     # architecture first) unless calibration needs it sooner.
     get_tokenizer = functools.cache(
@@ -191,3 +205,42 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
                           args.max_num_batched_tokens, weights_bytes, config.hf_config,
                           config.vocab_size,
                           args.model, model.dtype, tokenizer, source.generation_config())
+
+
+def _start_workers(args: EngineArgs, compiled: bool, device: torch.device, size: int,
+                   block_size: int) -> WorkerGroup:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        raise ValueError(
+            "a torch.distributed process group already exists in this process; aotllm starts "
+            f"its own {size} ranks (one process each): create the engine outside torchrun")
+    return WorkerGroup.start(args.model, compiled, args.dtype, device, size, block_size)
+
+
+def _build_eager_tp_engine(args: EngineArgs, source, device: torch.device, quant) -> LLMEngine:
+    """Eager tensor parallelism: every rank reads only its slices of the checkpoint."""
+    from aotllm.models.loader import load_model
+    from aotllm.models.parallel import TensorParallel
+
+    if quant is not None:
+        raise ValueError(
+            "eager tensor parallelism runs float checkpoints; for a quantized model compile "
+            "it: `aotllm compile MODEL --quantization SCHEME --tensor-parallel-size N` "
+            "(scales are then cut with their weights)")
+    size = args.tensor_parallel_size
+    group = _start_workers(args, False, device, size, args.block_size)
+    try:
+        model = load_model(source, args.dtype, device, tp=TensorParallel(0, size))
+    except BaseException:
+        group.close(graceful=False)
+        raise
+    tensors = [*model.parameters(), *model.buffers()]
+    weights_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    config = model.config
+    return _finish_engine(args, BroadcastExecutor(EagerExecutor(model, device), group),
+                          eager_kv_spec(model, args.block_size),
+                          config.resolve_max_model_len(args.max_model_len), args.max_num_seqs,
+                          args.max_num_batched_tokens, weights_bytes, config.hf_config,
+                          config.vocab_size, args.model, model.dtype, source.load_tokenizer(),
+                          source.generation_config())

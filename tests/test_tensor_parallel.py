@@ -112,3 +112,56 @@ def test_tp_artifact_refuses_another_world_size(artifacts):
         check_world_size(Manifest.read(tp2), 3)
     with pytest.raises(ArtifactError, match="compiled for one process"):
         check_world_size(Manifest.read(artifacts.get("llama-gqa", **TP_PLAN)), 2)
+
+
+def _llm(mode: str, model, timeout: float = 300, **kwargs) -> dict:
+    """tests/tp_llm_script.py in a fresh interpreter (spawned ranks start from
+    a user's program, not from pytest's process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "AOTLLM_TP_TIMEOUT_S": "30",
+           "PYTHONPATH": os.pathsep.join([str(repo.parent), str(repo)])}
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "tp_llm_script.py"), mode,
+                           str(model), json.dumps(kwargs)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=repo)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_llm_eager_starts_one_process_per_rank(tiny_models):
+    """`LLM(checkpoint, tensor_parallel_size=2, enforce_eager=True)`: rank 0
+    schedules and samples, rank 1 is a spawned worker fed each step's inputs
+    and reading only its slices; greedy tokens equal TP=1's (chunked prefill:
+    a 16-token budget; batched decode: 4 prompts)."""
+    ckpt = tiny_models.get("llama-gqa")
+    eager1 = _llm("generate", ckpt, enforce_eager=True, dtype="float32")
+    eager2 = _llm("generate", ckpt, enforce_eager=True, dtype="float32", tensor_parallel_size=2)
+    assert (eager1["workers"], eager2["workers"]) == (0, 1)
+    assert eager2["tokens"] == eager1["tokens"]
+
+
+@pytest.mark.xfail(reason="known: with the broadcasting worker loop the compiled graphs' "
+                          "first collective waits until the group timeout (gloo, torch 2.13); "
+                          "the same artifact passes in symmetric ranks "
+                          "(test_compiled_tp2_greedy_equals_tp1)", strict=False)
+def test_llm_compiled_starts_one_process_per_rank(artifacts):
+    tp1 = artifacts.get("llama-gqa", **TP_PLAN)
+    tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
+    want = _llm("generate", tp1)
+    got = _llm("generate", tp2)
+    assert (want["workers"], got["workers"]) == (0, 1)
+    assert got["tokens"] == want["tokens"]
+
+
+def test_a_dead_rank_is_an_error_within_seconds(tiny_models):
+    got = _llm("kill", tiny_models.get("llama-gqa"), enforce_eager=True, dtype="float32",
+               tensor_parallel_size=2)
+    assert got["error"] is not None and got["error"].startswith(
+        "tensor-parallel group failed: aotllm-tp-rank1 exited with code -9"), got["error"]
+    assert got["seconds"] < 10
