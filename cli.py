@@ -183,6 +183,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", *DEVICE_TYPES), default="auto")
     parser.add_argument("--max-model-len", type=positive_int, default=None, metavar="N")
     parser.add_argument("--max-num-seqs", type=positive_int, default=None, metavar="N")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=None,
+                        metavar="N", help="ranks, one process each (default: the artifact's "
+                                          "size, 1 for a checkpoint)")
     parser.add_argument("--quantization", "-q", default=None, metavar="SCHEME",
                         help="for a checkpoint: w8a16, w8a8 or w8a8_static (see `compile`)")
 
@@ -192,7 +195,8 @@ def _llm_kwargs(args: argparse.Namespace) -> dict:
     left out so `LLM`'s own defaults apply."""
     kwargs: dict = {"dtype": args.dtype, "device": args.device,
                     "enforce_eager": args.enforce_eager}
-    for name in ("seed", "max_model_len", "max_num_seqs", "quantization"):
+    for name in ("seed", "max_model_len", "max_num_seqs", "quantization",
+                 "tensor_parallel_size"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     return kwargs

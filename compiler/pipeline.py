@@ -139,7 +139,7 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
     tp_size = cfg.tensor_parallel_size
     rank_models = [model]
     if tp_size > 1:
-        from aotllm.compiler.tensor_parallel import shard_model
+        from aotllm.models.shard import shard_model
 
         # Every rank's model from the one full (quantized) model, then the
         # full one is dropped; rank 0's is traced, every rank binds its own

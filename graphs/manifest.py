@@ -35,7 +35,14 @@ from aotllm.graphs.devices import device_type
 from aotllm.graphs.file_digest import SampleTable, sampled_sha256
 from aotllm.graphs.kv_cache import KVCacheSpec
 
-FORMAT_VERSION = 1
+# Format 2 is format 1 plus tensor parallelism (`tensor_parallel_size`,
+# `distributed_backend`, `rank_weights`). A single-rank artifact is still
+# written as format 1, which every aotllm reads; a TP artifact is written as 2,
+# so a runtime from before TP refuses it instead of loading rank 0's weights
+# as if they were the whole model.
+FORMAT_VERSION = 2
+TP_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 GRAPHS_DIR = "graphs"
 
@@ -175,9 +182,13 @@ class Manifest:
     tensor_parallel_size: int = 1
     distributed_backend: str | None = None
     rank_weights: tuple[tuple[str, str], ...] = ()
-    format_version: int = FORMAT_VERSION
+    # None: the lowest version that describes this manifest (see FORMAT_VERSION).
+    format_version: int | None = None
 
     def __post_init__(self) -> None:
+        if self.format_version is None:
+            object.__setattr__(self, "format_version",
+                               TP_FORMAT_VERSION if self.tensor_parallel_size > 1 else 1)
         object.__setattr__(self, "graphs", tuple(self.graphs))
         object.__setattr__(self, "rank_weights", tuple(tuple(w) for w in self.rank_weights))
         if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:
@@ -257,8 +268,12 @@ class Manifest:
         """Raises ArtifactError for another format version, KeyError/TypeError/ValueError
         for a malformed dict."""
         version = d.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
             raise ArtifactError(_version_message(version))
+        if version < TP_FORMAT_VERSION and d.get("tensor_parallel_size", 1) != 1:
+            raise ArtifactError(f"the manifest says format version {version} but holds a "
+                                f"tensor-parallel artifact (format {TP_FORMAT_VERSION}); "
+                                f"{_RECOMPILE}")
         return cls(
             model_config=dict(d["model_config"]),
             architecture=str(d["architecture"]),
@@ -343,7 +358,7 @@ def _version_message(version: object) -> str:
         hint = _RECOMPILE + " from this aotllm"
     return (
         f"the artifact has format version {version!r} but this aotllm reads format "
-        f"version {FORMAT_VERSION}; {hint}"
+        f"versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}; {hint}"
     )
 
 
@@ -494,9 +509,9 @@ def check_world_size(manifest: Manifest, world_size: int) -> None:
             f"{_RECOMPILE} --tensor-parallel-size {world_size}")
     raise ArtifactError(
         f"this artifact is split across {tp} ranks (tensor_parallel_size {tp}) but "
-        f"{world_size} {'process is' if world_size == 1 else 'ranks are'} loading it: launch "
-        f"{tp} ranks (torchrun --nproc-per-node {tp}, each running the same requests; "
-        f"LLM(..., tensor_parallel_size=N) and `aotllm serve` cannot start ranks yet), "
+        f"{world_size} {'process is' if world_size == 1 else 'ranks are'} loading it: load "
+        f"it through LLM(...) or `aotllm serve` (they start one process per rank), launch "
+        f"{tp} ranks (torchrun --nproc-per-node {tp}) whose programs create LLM(...), "
         f"or {_RECOMPILE} --tensor-parallel-size {world_size}")
 
 

@@ -17,7 +17,7 @@ import torch
 
 from aotllm.graphs.devices import device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.graphs.manifest import ArtifactError, Manifest, check_world_size, is_artifact_dir
+from aotllm.graphs.manifest import ArtifactError, Manifest, is_artifact_dir
 from aotllm.models.gguf_checkpoint import is_gguf_file
 from aotllm.runtime.config import CacheConfig, SchedulerConfig
 from aotllm.runtime.cpu_check import check_cpu
@@ -30,7 +30,13 @@ from aotllm.runtime.model_runner import EagerExecutor, ModelRunner
 from aotllm.runtime.sampler import Sampler
 from aotllm.runtime.scheduler import Scheduler
 from aotllm.runtime.tokenizer import eos_token_ids, load_tokenizer
-from aotllm.runtime.tp_workers import BroadcastExecutor, WorkerGroup, eager_kv_spec
+from aotllm.runtime.tp_workers import (
+    BroadcastExecutor,
+    WorkerGroup,
+    eager_kv_spec,
+    follow_launched,
+    launched_rank,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +101,11 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     check_cpu(manifest)
     tp = manifest.tensor_parallel_size
     if args.tensor_parallel_size not in (1, tp):
-        check_world_size(manifest, args.tensor_parallel_size)
+        raise ArtifactError(
+            f"tensor_parallel_size={args.tensor_parallel_size} but this artifact is split across "
+            f"{tp} rank{'s' if tp > 1 else ''}: leave tensor_parallel_size out (the artifact's "
+            f"size is used), or recompile the model with `aotllm compile ... "
+            f"--tensor-parallel-size {args.tensor_parallel_size}`")
     if args.device != "auto":
         device = args.resolve_device()
     elif not is_available(device_type(manifest.device)):
@@ -128,7 +138,15 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
     # the artifact loads; the digests and the graph packages' loading release
     # the GIL.
     # A TP artifact starts its other ranks first (they load while rank 0 does).
-    group = _start_workers(args, True, device, tp, spec.block_size) if tp > 1 else None
+    group = None
+    if tp > 1:
+        rank = launched_rank(tp, device)
+        if rank:  # a torchrun rank other than 0: it serves rank 0's steps, then exits
+            artifact = load_artifact(args.model, device)
+            follow_launched(CompiledExecutor(artifact, device), artifact.kv_spec,
+                            getattr(torch, manifest.dtype), device)
+        group = (WorkerGroup.attach() if rank == 0 else
+                 WorkerGroup.start(args.model, True, args.dtype, device, tp, spec.block_size))
     with ThreadPoolExecutor(max_workers=1) as pool:
         tokenizer_future = pool.submit(load_tokenizer, args.tokenizer or args.model)
         artifact = load_artifact(args.model, device)
@@ -178,7 +196,7 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
     quant = QuantConfig(args.quantization) if args.quantization else None
     tp = args.tensor_parallel_size
     if tp > 1:
-        return _build_eager_tp_engine(args, source, device, quant)
+        return _build_eager_tp_engine(args, source, device)
     # Loaded after the model (whose config check names an unsupported
     # architecture first) unless calibration needs it sooner.
     get_tokenizer = functools.cache(
@@ -207,31 +225,26 @@ def _build_eager_engine(args: EngineArgs) -> LLMEngine:
                           args.model, model.dtype, tokenizer, source.generation_config())
 
 
-def _start_workers(args: EngineArgs, compiled: bool, device: torch.device, size: int,
-                   block_size: int) -> WorkerGroup:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        raise ValueError(
-            "a torch.distributed process group already exists in this process; aotllm starts "
-            f"its own {size} ranks (one process each): create the engine outside torchrun")
-    return WorkerGroup.start(args.model, compiled, args.dtype, device, size, block_size)
-
-
-def _build_eager_tp_engine(args: EngineArgs, source, device: torch.device, quant) -> LLMEngine:
-    """Eager tensor parallelism: every rank reads only its slices of the checkpoint."""
-    from aotllm.models.loader import load_model
+def _build_eager_tp_engine(args: EngineArgs, source, device: torch.device) -> LLMEngine:
+    """Eager tensor parallelism: every rank reads only its slices of the
+    checkpoint (with a quantization scheme, every rank quantizes the whole
+    model and keeps its part, as the compiler does once)."""
     from aotllm.models.parallel import TensorParallel
+    from aotllm.runtime.tp_workers import load_eager_rank
 
-    if quant is not None:
-        raise ValueError(
-            "eager tensor parallelism runs float checkpoints; for a quantized model compile "
-            "it: `aotllm compile MODEL --quantization SCHEME --tensor-parallel-size N` "
-            "(scales are then cut with their weights)")
     size = args.tensor_parallel_size
-    group = _start_workers(args, False, device, size, args.block_size)
+    rank = launched_rank(size, device)
+    if rank:  # a torchrun rank other than 0: it serves rank 0's steps, then exits
+        model = load_eager_rank(source, args.dtype, device, TensorParallel(rank, size),
+                                args.quantization)
+        follow_launched(EagerExecutor(model, device), eager_kv_spec(model, args.block_size),
+                        model.dtype, device)
+    group = (WorkerGroup.attach() if rank == 0 else
+             WorkerGroup.start(args.model, False, args.dtype, device, size, args.block_size,
+                               args.quantization))
     try:
-        model = load_model(source, args.dtype, device, tp=TensorParallel(0, size))
+        model = load_eager_rank(source, args.dtype, device, TensorParallel(0, size),
+                                args.quantization)
     except BaseException:
         group.close(graceful=False)
         raise

@@ -12,6 +12,11 @@ A rank that dies ends the group: gloo fails the next collective on the other
 ranks when a peer's socket closes, rank 0 turns that into an error naming
 the rank and its exit code, and the process group's timeout bounds any wait
 that a closed socket does not end.
+
+Ranks that torchrun started (every rank runs the user's program) join the
+same way: rank 0's `LLM` becomes the engine, the other ranks' `LLM(...)`
+calls serve rank 0's steps until its engine closes and then end the process
+(`follow`); there is still one scheduler.
 """
 
 from __future__ import annotations
@@ -30,8 +35,13 @@ from aotllm.runtime.model_runner import StepShape
 
 logger = logging.getLogger(__name__)
 
-# How long a collective may wait for a peer before the group fails.
+# How long a collective inside a step (or the start-up rendezvous) may wait
+# for a peer before the group fails.
 GROUP_TIMEOUT = timedelta(seconds=float(os.environ.get("AOTLLM_TP_TIMEOUT_S", "60")))
+# The workers wait for rank 0's next step on the control group, as long as an
+# idle server has no requests: its timeout must not end an idle group. A dead
+# rank 0 still ends the wait at once (its socket closes).
+IDLE_TIMEOUT = timedelta(days=365)
 _STEP, _STOP = 1, 0
 _PHASES = ("prefill", "decode")
 
@@ -47,6 +57,7 @@ class WorkerSpec:
     size: int
     init_method: str
     block_size: int = 16
+    quantization: str | None = None  # eager path: the scheme every rank applies
 
 
 def _free_port() -> int:
@@ -55,7 +66,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_group(spec: WorkerSpec, rank: int) -> None:
+def _init_group(spec: WorkerSpec, rank: int):
+    """Joins the group the graphs' collectives run on, and returns a second,
+    gloo group for rank 0's control broadcasts.
+
+    The step inputs never travel on the graphs' group: interleaved with the
+    compiled all-reduces there, the ranks' collective tags came apart now and
+    then and both ranks waited in the same all-reduce (gloo, torch 2.13). On
+    CUDA the graphs' group is nccl, and the inputs are host tensors anyway."""
     import torch.distributed as dist
     # Every rank imports the functional collectives before its group exists:
     # a rank 0 that had imported them (the compiler does) and a worker that
@@ -65,33 +83,111 @@ def _init_group(spec: WorkerSpec, rank: int) -> None:
     backend = DISTRIBUTED_BACKENDS[torch.device(spec.device).type]
     dist.init_process_group(backend, rank=rank, world_size=spec.size,
                             init_method=spec.init_method, timeout=GROUP_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
+def launched_rank(size: int, device: torch.device) -> int | None:
+    """This process's rank when ranks were launched by the user (torchrun, or a
+    process group already initialised), None when aotllm starts them. Joins
+    torchrun's group from its environment if the program has not."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    elif "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return None
+        import torch.distributed._functional_collectives  # noqa: F401  (see _init_group)
+
+        dist.init_process_group(DISTRIBUTED_BACKENDS[device.type], init_method="env://",
+                                timeout=GROUP_TIMEOUT)
+    else:
+        return None
+    if world != size:
+        raise ValueError(
+            f"{world} ranks were launched but the model is split across {size} "
+            f"(tensor_parallel_size {size}): launch {size} (torchrun --nproc-per-node {size}), "
+            "or start one process and let aotllm start the ranks")
+    return dist.get_rank()
 
 
 class WorkerGroup:
     """Rank 0's handle on the other ranks."""
 
-    def __init__(self, spec: WorkerSpec):
-        self.spec = spec
-        ctx = multiprocessing.get_context("spawn")
-        # Daemons: they end with rank 0's process.
-        self.procs = [ctx.Process(target=_worker_main, args=(spec, r), daemon=True,
-                                  name=f"aotllm-tp-rank{r}") for r in range(1, spec.size)]
-        for p in self.procs:
-            p.start()
-        _init_group(spec, 0)
+    def __init__(self, procs: list, control, owns_group: bool):
+        self.procs = procs  # empty when torchrun started the ranks
+        self.control = control
+        self.owns_group = owns_group
         self.closed = False
 
     @classmethod
+    def attach(cls) -> "WorkerGroup":
+        """Rank 0 of ranks the user launched: the group exists already."""
+        import atexit
+
+        import torch.distributed as dist
+
+        group = cls([], dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT), False)
+        atexit.register(group.close)
+        return group
+
+    @classmethod
     def start(cls, model: str, compiled: bool, dtype: str, device: torch.device,
-              size: int, block_size: int = 16) -> "WorkerGroup":
+              size: int, block_size: int = 16,
+              quantization: str | None = None) -> "WorkerGroup":
         import atexit
 
         spec = WorkerSpec(model, compiled, dtype, str(device), size,
-                          f"tcp://127.0.0.1:{_free_port()}", block_size)
+                          f"tcp://127.0.0.1:{_free_port()}", block_size, quantization)
         logger.info("Starting %d tensor-parallel worker processes", size - 1)
-        group = cls(spec)
+        ctx = multiprocessing.get_context("spawn")
+        # Daemons: they end with rank 0's process.
+        procs = [ctx.Process(target=_worker_main, args=(spec, r), daemon=True,
+                             name=f"aotllm-tp-rank{r}") for r in range(1, spec.size)]
+        for p in procs:
+            p.start()
+        group = cls(procs, None, True)
+        try:
+            group.control = group._meet(spec)
+        except Exception as e:
+            group.closed = True
+            for p in procs:
+                p.join(timeout=0.5)
+                p.kill()
+            why = group.dead() or f"the ranks did not meet ({e})"
+            raise RuntimeError(
+                f"tensor-parallel ranks failed to start: {why}. The ranks are spawned "
+                "processes that import your program's main module: guard its code with "
+                "`if __name__ == \"__main__\":` (see the rank's own error above)") from None
         atexit.register(group.close)
         return group
+
+    def _meet(self, spec: WorkerSpec):
+        """Rank 0's side of the rendezvous, in a thread, so a rank that dies while
+        starting (a program without a main guard dies at once) is an error now,
+        not after the rendezvous timeout."""
+        import threading
+
+        result: dict = {}
+
+        def meet() -> None:
+            try:
+                result["group"] = _init_group(spec, 0)
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller)
+                result["error"] = e
+
+        # A daemon: if a rank died, the rendezvous it never joins must not
+        # keep this process alive until its timeout.
+        thread = threading.Thread(target=meet, name="aotllm-tp-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if thread.is_alive() and self.dead():
+                raise RuntimeError(self.dead())
+        if "error" in result:
+            raise result["error"]
+        return result["group"]
 
     def dead(self) -> str | None:
         gone = [(p.name, p.exitcode) for p in self.procs if p.exitcode is not None]
@@ -103,7 +199,7 @@ class WorkerGroup:
         import torch.distributed as dist
 
         try:
-            dist.broadcast(t, src=0)
+            dist.broadcast(t, src=0, group=self.control)
         except RuntimeError as e:
             raise self.failure(e) from e
 
@@ -128,14 +224,14 @@ class WorkerGroup:
         self.closed = True
         if graceful and not self.dead():
             try:
-                dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0]), src=0)
+                dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0]), src=0, group=self.control)
             except RuntimeError:
                 pass
         for p in self.procs:
             p.join(timeout=5 if graceful else 0.1)
             if p.is_alive():
                 p.kill()
-        if dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -190,12 +286,35 @@ def _load(spec: WorkerSpec, rank: int):
         artifact = load_artifact(spec.model, device)
         return (CompiledExecutor(artifact, device), artifact.kv_spec,
                 getattr(torch, artifact.manifest.dtype))
-    from aotllm.models.loader import load_model
+    from aotllm.models.checkpoint import open_checkpoint
     from aotllm.models.parallel import TensorParallel
     from aotllm.runtime.model_runner import EagerExecutor
 
-    model = load_model(spec.model, spec.dtype, device, tp=TensorParallel(rank, spec.size))
+    model = load_eager_rank(open_checkpoint(spec.model), spec.dtype, device,
+                            TensorParallel(rank, spec.size), spec.quantization)
     return EagerExecutor(model, device), eager_kv_spec(model, spec.block_size), model.dtype
+
+
+def load_eager_rank(source, dtype: str, device: torch.device, tp, quantization: str | None):
+    """A rank's eager model. Float: only the rank's slices are read. With a
+    scheme: the whole model is loaded and quantized (whole rows, so per-channel
+    scales equal TP=1's), then cut to the rank's part, scales with their
+    weights. Calibrated schemes calibrate on every rank; compile the model
+    (`--tensor-parallel-size N`) to calibrate once."""
+    from aotllm.quantize.modelslim import is_modelslim_checkpoint
+
+    if quantization is None and not is_modelslim_checkpoint(source.path):
+        from aotllm.models.loader import load_model
+
+        return load_model(source, dtype, device, tp=tp)
+    from aotllm.models.shard import shard_model
+    from aotllm.quantize.config import QuantConfig
+    from aotllm.quantize.load import load_quantized
+
+    full, quant = load_quantized(source, dtype, device,
+                                 QuantConfig(quantization) if quantization else None,
+                                 source.load_tokenizer)
+    return shard_model(full, tp, quant)
 
 
 def eager_kv_spec(model, block_size: int):
@@ -207,26 +326,50 @@ def eager_kv_spec(model, block_size: int):
                        block_size, str(model.dtype).removeprefix("torch."))
 
 
-def _worker_main(spec: WorkerSpec, rank: int) -> None:
+def follow(executor, kv_spec, kv_dtype: torch.dtype, device: torch.device, control) -> None:
+    """A worker rank's loop: rank 0's KV block count, then each step's inputs,
+    run on this rank's part and KV cache, until rank 0 says stop."""
     import torch.distributed as dist
 
-    torch.set_num_threads(max(1, int(os.environ.get("AOTLLM_TP_THREADS", "1"))))
-    _init_group(spec, rank)
-    executor, kv_spec, kv_dtype = _load(spec, rank)
-    device = torch.device(spec.device)
     size = torch.zeros(1, dtype=torch.int64)
-    dist.broadcast(size, src=0)
+    dist.broadcast(size, src=0, group=control)
     kv_caches = [torch.zeros(kv_spec.layer_shape(int(size)), dtype=kv_dtype, device=device)
                  for _ in range(kv_spec.num_layers)]
     header = torch.zeros(5, dtype=torch.int64)
     while True:
-        dist.broadcast(header, src=0)
+        dist.broadcast(header, src=0, group=control)
         cmd, phase, b, t, maxb = (int(x) for x in header)
         if cmd == _STOP:
-            break
+            return
         shape = StepShape(b, t, maxb)
         flat = torch.empty(3 * b * t + b * maxb + 2 * b, dtype=torch.int64)
-        dist.broadcast(flat, src=0)
+        dist.broadcast(flat, src=0, group=control)
         inputs = [x.to(device) for x in _split_inputs(flat, shape)]
         executor(_PHASES[phase], shape, *inputs, kv_caches)
+
+
+def follow_launched(executor, kv_spec, kv_dtype: torch.dtype, device: torch.device):
+    """A torchrun rank other than 0: serve rank 0's steps, then end the process
+    (this rank's program must not go on as if it had an engine)."""
+    import sys
+
+    import torch.distributed as dist
+
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    logger.info("Rank %d serves rank 0's engine until it closes", dist.get_rank())
+    try:
+        follow(executor, kv_spec, kv_dtype, device, control)
+    except RuntimeError as e:
+        logger.error("Rank %d: the tensor-parallel group failed: %s", dist.get_rank(), e)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _worker_main(spec: WorkerSpec, rank: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, int(os.environ.get("AOTLLM_TP_THREADS", "1"))))
+    control = _init_group(spec, rank)
+    executor, kv_spec, kv_dtype = _load(spec, rank)
+    follow(executor, kv_spec, kv_dtype, torch.device(spec.device), control)
     dist.destroy_process_group()

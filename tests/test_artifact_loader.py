@@ -63,7 +63,9 @@ def test_an_intact_copy_loads(artifact):
 
 
 def test_newer_format_version_asks_to_upgrade(artifact):
-    _edit_manifest(artifact, lambda d: d.update(format_version=d["format_version"] + 1))
+    from aotllm.graphs.manifest import FORMAT_VERSION
+
+    _edit_manifest(artifact, lambda d: d.update(format_version=FORMAT_VERSION + 1))
     msg = _refusal(artifact)
     assert "format version" in msg and "upgrade aotllm" in msg
 

@@ -88,7 +88,8 @@ def test_round_trip(artifact: tuple[Path, Manifest]) -> None:
     directory, manifest = artifact
     again = Manifest.read(directory)
     assert again == manifest
-    assert again.format_version == FORMAT_VERSION
+    # Single-rank artifacts keep format 1 (every aotllm reads them).
+    assert again.format_version == 1 < FORMAT_VERSION
     assert again.bucket_plan() == PLAN
     assert again.kv_cache_spec() == SPEC
     bucket = PLAN.decode[-1]
@@ -148,11 +149,30 @@ def test_read_not_an_object(artifact: tuple[Path, Manifest]) -> None:
         Manifest.read(directory)
 
 
+def test_tp_fields_need_format_2(artifact: tuple[Path, Manifest]) -> None:
+    """A runtime from before TP ignores the TP fields, so a TP manifest is
+    written as format 2 and a format-1 manifest claiming ranks is refused."""
+    directory, manifest = artifact
+    sha = "0" * 64
+    tp = dataclasses.replace(manifest, tensor_parallel_size=2, distributed_backend="gloo",
+                             rank_weights=(("rank1/weights.safetensors", sha),),
+                             file_samples=None, format_version=None)
+    assert tp.format_version == 2
+    assert tp.to_dict()["format_version"] == 2
+    _edit_json(directory, tensor_parallel_size=2, distributed_backend="gloo",
+               rank_weights=[{"file": "rank1/weights.safetensors", "sha256": sha}])
+    with pytest.raises(ArtifactError, match="format version 1 but holds a tensor-parallel"):
+        Manifest.read(directory)
+    _edit_json(directory, format_version=2, file_samples=None)
+    assert Manifest.read(directory).tensor_parallel_size == 2
+
+
 @pytest.mark.parametrize(
     ("version", "match"),
     [
-        (FORMAT_VERSION + 1, r"format version 2 but this aotllm reads format version 1.*upgrade"),
-        (0, r"format version 0 but this aotllm reads format version 1.*recompile"),
+        (FORMAT_VERSION + 1, r"format version 3 but this aotllm reads format versions 1, 2.*"
+                             r"upgrade"),
+        (0, r"format version 0 but this aotllm reads format versions 1, 2.*recompile"),
         ("1", r"format version '1'"),
         (None, r"no format_version"),
     ],

@@ -95,6 +95,7 @@ def test_compiled_tp2_greedy_equals_tp1(artifacts, one_thread, variant, quantiza
     tp2 = artifacts.get(variant, quantization=quantization, tensor_parallel_size=2, **TP_PLAN)
     manifest = Manifest.read(tp2)
     assert (manifest.tensor_parallel_size, manifest.distributed_backend) == (2, "gloo")
+    assert manifest.format_version == 2  # a runtime from before TP refuses it
     assert manifest.rank_weights[0][0] == "rank1/weights.safetensors"
     assert {g.file for g in manifest.graphs} == {g.file for g in Manifest.read(tp1).graphs}
     want = greedy_compiled(tp1)
@@ -104,7 +105,7 @@ def test_compiled_tp2_greedy_equals_tp1(artifacts, one_thread, variant, quantiza
 def test_tp_artifact_refuses_another_world_size(artifacts):
     tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
     with pytest.raises(ArtifactError, match=r"split across 2 ranks .* but 1 process is loading "
-                                            r"it: launch 2 ranks \(torchrun --nproc-per-node 2"):
+                                            r"it: load it through LLM\(...\) or `aotllm serve`"):
         greedy_compiled(tp2)
     from aotllm.graphs.manifest import check_world_size
 
@@ -114,9 +115,10 @@ def test_tp_artifact_refuses_another_world_size(artifacts):
         check_world_size(Manifest.read(artifacts.get("llama-gqa", **TP_PLAN)), 2)
 
 
-def _llm(mode: str, model, timeout: float = 300, **kwargs) -> dict:
+def _llm(mode: str, model, timeout: float = 300, group_timeout: float = 30,
+         torchrun: bool = False, **kwargs) -> dict:
     """tests/tp_llm_script.py in a fresh interpreter (spawned ranks start from
-    a user's program, not from pytest's process)."""
+    a user's program, not from pytest's process), or in 2 ranks under torchrun."""
     import json
     import os
     import subprocess
@@ -124,14 +126,16 @@ def _llm(mode: str, model, timeout: float = 300, **kwargs) -> dict:
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "AOTLLM_TP_TIMEOUT_S": "30",
+    env = {**os.environ, "AOTLLM_TP_TIMEOUT_S": str(group_timeout),
            "PYTHONPATH": os.pathsep.join([str(repo.parent), str(repo)])}
-    proc = subprocess.run([sys.executable, str(repo / "tests" / "tp_llm_script.py"), mode,
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+                if torchrun else [sys.executable])
+    proc = subprocess.run([*launcher, str(repo / "tests" / "tp_llm_script.py"), mode,
                            str(model), json.dumps(kwargs)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=repo)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]
+    return json.loads(lines[0].removeprefix("RESULT "))
 
 
 def test_llm_eager_starts_one_process_per_rank(tiny_models):
@@ -146,17 +150,37 @@ def test_llm_eager_starts_one_process_per_rank(tiny_models):
     assert eager2["tokens"] == eager1["tokens"]
 
 
-@pytest.mark.xfail(reason="known: with the broadcasting worker loop the compiled graphs' "
-                          "first collective waits until the group timeout (gloo, torch 2.13); "
-                          "the same artifact passes in symmetric ranks "
-                          "(test_compiled_tp2_greedy_equals_tp1)", strict=False)
+def test_llm_eager_quantized_tp2_equals_tp1(tiny_models):
+    """Eager W8A16 under TP=2: each rank quantizes the whole model and keeps
+    its part (scales with their weights), so its tokens are TP=1 W8A16's."""
+    ckpt = tiny_models.get("qwen2-tied")
+    common = dict(enforce_eager=True, dtype="float32", quantization="w8a16")
+    want = _llm("generate", ckpt, **common)
+    got = _llm("generate", ckpt, tensor_parallel_size=2, **common)
+    assert got["workers"] == 1 and got["tokens"] == want["tokens"]
+
+
 def test_llm_compiled_starts_one_process_per_rank(artifacts):
+    """`LLM(tp2_artifact)` starts rank 1 itself; the graphs' all-reduces run on
+    the default group, the step inputs on a second one (they hung when both
+    shared one group). An idle spell longer than the group timeout does not
+    end the group: the workers wait for work without a timeout."""
     tp1 = artifacts.get("llama-gqa", **TP_PLAN)
     tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
     want = _llm("generate", tp1)
-    got = _llm("generate", tp2)
+    got = _llm("idle", tp2, group_timeout=8)
     assert (want["workers"], got["workers"]) == (0, 1)
-    assert got["tokens"] == want["tokens"]
+    assert got["tokens"] == got["again"] == want["tokens"]
+
+
+def test_torchrun_ranks_serve_rank0s_engine(artifacts):
+    """Ranks launched by torchrun: every rank's program creates `LLM`; rank 0's
+    is the engine, rank 1's serves rank 0's steps and then ends the process, so
+    only rank 0 prints a result."""
+    tp1 = artifacts.get("llama-gqa", **TP_PLAN)
+    tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
+    got = _llm("generate", tp2, torchrun=True)
+    assert got["workers"] == 0 and got["tokens"] == _llm("generate", tp1)["tokens"]
 
 
 def test_a_dead_rank_is_an_error_within_seconds(tiny_models):
@@ -165,3 +189,38 @@ def test_a_dead_rank_is_an_error_within_seconds(tiny_models):
     assert got["error"] is not None and got["error"].startswith(
         "tensor-parallel group failed: aotllm-tp-rank1 exited with code -9"), got["error"]
     assert got["seconds"] < 10
+
+
+def test_another_tensor_parallel_size_is_refused(artifacts):
+    from aotllm import LLM
+
+    tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
+    with pytest.raises(ArtifactError, match=r"tensor_parallel_size=3 but this artifact is split "
+                                            r"across 2 ranks: leave tensor_parallel_size out"):
+        LLM(str(tp2), tensor_parallel_size=3)
+
+
+def test_serve_tp_artifact_with_openai_client(artifacts, tmp_path):
+    """`aotllm serve TP2_ARTIFACT` starts its rank itself; the official client's
+    greedy completion equals the TP=1 artifact's through LLM."""
+    import openai
+
+    from aotllm import LLM, SamplingParams
+    from tests.test_server import Server
+
+    tp1 = artifacts.get("llama-gqa", **TP_PLAN)
+    tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
+    prompt = [5, 9, 17, 33, 65]
+    want = LLM(str(tp1)).generate(
+        [{"prompt_token_ids": prompt}],
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    srv = Server(tp2, tmp_path / "serve.log", cli=True, engine_flags=())
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none")
+        got = client.completions.create(model=str(tp2), prompt=prompt, max_tokens=8,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == want[0].outputs[0].text
+        assert got.usage.completion_tokens == 8
+        assert "Starting 1 tensor-parallel worker processes" in srv.tail()
+    finally:
+        assert srv.stop() == 0, srv.tail()

@@ -3,11 +3,14 @@ ranks in a fresh interpreter, as a user's program runs it; prints JSON.
 
     python tests/tp_llm_script.py generate MODEL [KWARGS_JSON]
     python tests/tp_llm_script.py kill MODEL [KWARGS_JSON]
+    python tests/tp_llm_script.py idle MODEL [KWARGS_JSON]   # idle past the group timeout
+    torchrun --nproc-per-node 2 tests/tp_llm_script.py generate MODEL [KWARGS_JSON]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -43,6 +46,11 @@ def main() -> None:
         except RuntimeError as e:
             result["error"] = str(e)
         result["seconds"] = time.perf_counter() - t0
+    elif mode == "idle":
+        # Longer than the group timeout: an idle engine's workers must still be there.
+        time.sleep(float(os.environ["AOTLLM_TP_TIMEOUT_S"]) + 1)
+        result["again"] = greedy()
+        group.close()
     elif group is not None:
         group.close()
     print("RESULT " + json.dumps(result), flush=True)

@@ -68,6 +68,10 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool) -> 
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or npu")
     e.add_argument("--enforce-eager", action="store_true",
                    help="run the checkpoint eagerly instead of compiling it")
+    e.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=None,
+                   metavar="N",
+                   help="split the model across N ranks, one process each (default: the "
+                        "artifact's size, 1 for a checkpoint)")
     e.add_argument("--max-model-len", type=positive_int, default=None, metavar="N")
     e.add_argument("--max-num-seqs", type=positive_int, default=None, metavar="N")
     e.add_argument("--max-num-batched-tokens", type=positive_int, default=None, metavar="N")
@@ -91,7 +95,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """`EngineArgs` keywords from the flags; unset ones keep EngineArgs' defaults."""
     kwargs: dict = {"dtype": args.dtype, "device": args.device,
                     "enforce_eager": args.enforce_eager}
-    for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    for name in ("tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                  "gpu_memory_utilization", "num_gpu_blocks_override", "block_size", "seed",
                  "tokenizer", "quantization", "enable_prefix_caching", "generation_config"):
         value = getattr(args, name)

@@ -1,5 +1,7 @@
 """A full model (loaded once, quantized once) -> one tensor-parallel rank's model.
 
+Used by the compiler (a TP artifact's weights files) and by eager TP with a
+quantization scheme (every rank quantizes the whole model and keeps its part).
 Compiling a TP artifact loads and quantizes the whole model as for one rank,
 so quantization sees whole rows (a row-parallel linear's per-channel scales
 are those of TP=1), then cuts every tensor to each rank's part with the same
@@ -14,7 +16,6 @@ import torch
 from aotllm.models.decoder import CausalLM
 from aotllm.models.parallel import TensorParallel, shard_linear_tensor, shard_tensor
 from aotllm.models.registry import build_model
-from aotllm.quantize.apply import quantized_skeleton
 
 # Rank-specific by construction (the rank's vocabulary offset), not cut from the full model.
 _OWN = frozenset({"vocab_start"})
@@ -25,6 +26,9 @@ def shard_model(full: CausalLM, tp: TensorParallel, quant: dict | None) -> Causa
     with torch.device(device):
         part = build_model(full.config, full.dtype, full.ops, tp)
     if quant is not None:
+        # quantize/ builds on models/: imported here, not at module level.
+        from aotllm.quantize.apply import quantized_skeleton
+
         quantized_skeleton(part, quant)
     splits = part.tp_splits()
     full_modules = dict(full.named_modules())
