@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inductor: compile N graphs at once in forked worker processes "
                         "(default: the CPU count, at most 4)")
     c.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
-                   help="inductor: split the model across N ranks (one weights file each, "
-                        "one graph set with the all-reduces inside; served by N processes)")
+                   help="inductor or ge: split the model across N ranks (one weights file "
+                        "each, one graph set with the collectives inside; served by N "
+                        "processes)")
     c.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
                    help="default: the checkpoint's max_position_embeddings")
     c.add_argument("--max-num-seqs", type=positive_int, default=8, metavar="N",

@@ -51,9 +51,12 @@ class CompileConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be positive, got "
                              f"{self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.backend != "inductor":
-            raise ValueError(f"--tensor-parallel-size is built for the inductor backend so far; "
-                             f"the {self.backend} backend compiles one rank only")
+        if self.tensor_parallel_size > 1 and self.backend == "onnx":
+            # The graphs hold the collectives; ONNX has no collective op that
+            # onnxruntime or ATC runs.
+            raise ValueError("--tensor-parallel-size needs collectives inside the graphs, which "
+                             "ONNX cannot hold: compile with --backend inductor (CPU, CUDA) or "
+                             "--backend ge (Ascend, HCCL)")
         if self.compile_workers <= 0:
             raise ValueError(f"compile_workers must be positive, got {self.compile_workers}")
         if self.max_num_seqs <= 0:

@@ -67,6 +67,16 @@ def import_torchair():
     return _torchair()
 
 
+def _export_options_file(out_dir: Path) -> Path:
+    """Where torchair's export left the graph's options.json: beside the .air,
+    or in rank_<r>/ under a process group (torchair's `_get_subpath`)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return out_dir / f"rank_{dist.get_rank()}" / "options.json"
+    return out_dir / "options.json"
+
+
 def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
                       device: torch.device, num_blocks: int) -> tuple:
     """`example_inputs` with the KV caches at the artifact's fixed block count."""
@@ -232,6 +242,13 @@ class GeBackend:
             raise RuntimeError(f"torchair did not export the {bucket.name} graph")
         finally:
             torch._dynamo.reset()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # Under a process group (tensor parallelism: the graphs hold HCCL
+            # ops) torchair names rank r's graph <name><r>.air and writes its
+            # options to rank_<r>/options.json.
+            return Path(out_dir) / f"{bucket.name}{dist.get_rank()}.air"
         return Path(out_dir) / f"{bucket.name}.air"
 
     def cache_dir(self, bucket: Bucket) -> Path:
@@ -282,7 +299,7 @@ class GeBackend:
             air = self.export_air(model, bucket, spec, Path(tmp))
             if not air.is_file():
                 raise RuntimeError(f"torchair's export wrote no {air.name}")
-            options = Path(tmp) / "options.json"  # torchair writes it beside the .air
+            options = _export_options_file(Path(tmp))
             if not options.is_file():
                 raise RuntimeError(f"torchair's export of {bucket.name} wrote no options.json")
             target = self.options_file(bucket)
@@ -290,4 +307,12 @@ class GeBackend:
             (target.parent.parent / "README.txt").write_text(_GE_OPTIONS_README)
             os.replace(options, target)
             os.replace(air, out_path)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Tensor parallel: torchair keys its cache by rank, and a cached
+            # graph with HCCL ops rebuilds its process group on the NPU when
+            # it loads. Each rank compiles its own cache at first load
+            # (runtime/ge_loader.py); the artifact carries the .air graphs.
+            return
         self.warm_cache(model, bucket, spec)

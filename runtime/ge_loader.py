@@ -64,8 +64,16 @@ class GeLoader:
         from aotllm.models.registry import build_model
 
         dtype = getattr(torch, manifest.dtype)
+        tp = None
+        if manifest.tensor_parallel_size > 1:  # this rank's part (load_artifact checked the group)
+            import torch.distributed as dist
+
+            from aotllm.models.parallel import TensorParallel
+
+            tp = TensorParallel(dist.get_rank(), manifest.tensor_parallel_size)
         with torch.device("meta"):
-            model = build_model(ModelConfig.from_hf_dict(manifest.model_config), dtype, NpuOps)
+            model = build_model(ModelConfig.from_hf_dict(manifest.model_config), dtype, NpuOps,
+                                tp)
         if manifest.quantization is not None:
             from aotllm.quantize.apply import quantized_skeleton
 
@@ -98,7 +106,11 @@ class GeLoader:
         # Named after the graph's own bucket (the file's stem), which for a
         # geared graph is the largest batch it serves, not `bucket`.
         cache = path.parent.parent / GE_CACHE_DIR / f"{path.stem}-kv{num_blocks}"
-        if not cache.is_dir():
+        if manifest.tensor_parallel_size > 1:
+            # Compiled per rank on first use (compiler/ge.py says why): a cache
+            # miss makes torchair compile the graph and fill the directory.
+            cache.mkdir(parents=True, exist_ok=True)
+        elif not cache.is_dir():
             raise ArtifactError(f"{cache} is missing: the artifact has no compiled-graph "
                                 f"cache for {path.stem} at {num_blocks} KV blocks; recompile it")
         torchair = import_torchair_ops()

@@ -3,8 +3,9 @@
 Rank 0 runs the scheduler, the sampler and its own part of the model. Ranks
 1..N-1 are spawned processes that load their part (an artifact's rank
 weights file, or their slices of a checkpoint) and loop: receive a step's
-inputs from rank 0 through two broadcasts (a header: command, phase, shape;
-then the six graph inputs as one int64 tensor), run the same graph on their
+inputs from rank 0 through two broadcasts on a control group of their own (a
+header: command, phase, shape; then the six graph inputs as one int64
+tensor), run the same graph on their
 own KV cache, drop the logits (every rank has them, all-gathered; rank 0
 samples). There is never a second scheduler.
 
@@ -16,7 +17,7 @@ that a closed socket does not end.
 Ranks that torchrun started (every rank runs the user's program) join the
 same way: rank 0's `LLM` becomes the engine, the other ranks' `LLM(...)`
 calls serve rank 0's steps until its engine closes and then end the process
-(`follow`); there is still one scheduler.
+(`follow_launched`); there is still one scheduler.
 """
 
 from __future__ import annotations

@@ -220,10 +220,14 @@ def _torch_npu_standin() -> dict[str, types.ModuleType]:
         conv=types.SimpleNamespace(allow_hf32=True),
         _get_deterministic_level=lambda: 0,
     )
+    # A cached graph with HCCL ops asks whether this CANN can name a process
+    # group after the one in the cache (CANN 8.3 can).
+    distributed = _module("torch_npu.distributed", _is_support_hccl_comm_name=lambda: True)
     # torch_npu's own dtype numbers (op_plugin's meta registrations list them).
-    root = _module("torch_npu", npu=npu, int4=285, hifloat8=290, float8_e8m0fnu=293,
+    root = _module("torch_npu", npu=npu, distributed=distributed, int4=285, hifloat8=290, float8_e8m0fnu=293,
                    float4_e2m1fn_x2=296, float4_e1m2fn_x2=297)
-    return {"torch_npu": root, "torch_npu.npu": npu, "torch_npu.npu.utils": utils}
+    return {"torch_npu": root, "torch_npu.npu": npu, "torch_npu.npu.utils": utils,
+            "torch_npu.distributed": distributed}
 
 
 @contextlib.contextmanager

@@ -514,6 +514,42 @@ def test_compile_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatc
         _check_not_loadable_here(out)
 
 
+def test_compile_tp_artifact_off_device(torchair, tiny_models, tmp_path, monkeypatch):
+    """`aotllm compile --backend ge --tensor-parallel-size 2`: torchair turns the
+    graphs' functional collectives into HCCL ops (HcomAllReduce per row-parallel
+    linear and for the vocab-parallel embedding, HcomAllGather for the logits)
+    over the ranks 0 and 1, one weights file per rank. Verified here: the GE
+    graphs; running them over HCCL needs Ascend cards."""
+    from aotllm.compiler import backends
+    from aotllm.compiler.config import CompileConfig
+    from aotllm.compiler.pipeline import compile_artifact
+    from aotllm.graphs.manifest import Manifest
+
+    monkeypatch.setitem(backends.BACKENDS, "ge", f"{__name__}:OffDeviceGe")
+    out = tmp_path / "tp2"
+    compile_artifact(CompileConfig(
+        model=str(tiny_models.get("llama-gqa")), output=str(out), dtype="bfloat16",
+        backend="ge", device="npu", num_gpu_blocks_override=NUM_BLOCKS, max_model_len=32,
+        max_num_seqs=1, block_size=BLOCK, prefill_buckets=(16,), decode_batch_sizes=(1,),
+        context_buckets=(32,), tensor_parallel_size=2, compile_workers=1))
+    torch._dynamo.reset()
+    manifest = Manifest.read(out)
+    assert (manifest.tensor_parallel_size, manifest.distributed_backend) == (2, "hccl")
+    assert manifest.rank_weights[0][0] == "rank1/weights.safetensors"
+    layers = manifest.kv_cache_spec().num_layers
+    assert len(manifest.graphs) == 2
+    for entry in manifest.graphs:
+        graph = _air_graph(out / entry.file)
+        types = Counter(op.type for op in graph.op)
+        assert types["HcomAllReduce"] == 2 * layers + 1, types
+        assert types["HcomAllGather"] == 1, types
+        groups = {op.attr["group"].s.decode() for op in graph.op if op.type.startswith("Hcom")}
+        assert len(groups) == 1 and groups.pop().endswith("rank_list=0,1")
+        # A rank holds half of the q heads: FIA's head count is the rank's.
+        fia = next(op for op in graph.op if op.type == "FusedInferAttentionScore")
+        assert fia.attr["num_heads"].i == manifest.model_config["num_attention_heads"] // 2
+
+
 def _check_not_loadable_here(out):
     """A ge artifact on this host: clear ArtifactErrors, never a traceback
     from inside torch (the loader is registered; its runtime is missing)."""
@@ -771,7 +807,7 @@ def test_ge_loader_binds_quantized(cases, scheme, one_thread):
     prepare(stored)  # what write_weights stores
     constants = {n: p.detach() for n, p in stored.named_parameters(remove_duplicate=False)}
     manifest = types.SimpleNamespace(dtype="float32", model_config=case.ref.config.hf_config,
-                                     quantization=case.record)
+                                     quantization=case.record, tensor_parallel_size=1)
     model = GeLoader()._bound_model(manifest, constants, torch.device("cpu"))
     bound = dict(model.named_parameters(remove_duplicate=False))
     assert bound.keys() == constants.keys()
@@ -788,6 +824,44 @@ def test_ge_loader_binds_quantized(cases, scheme, one_thread):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
+def test_ge_loader_binds_a_tp_rank(cases):
+    """Under a TP=2 group, GeLoader builds rank 1's part of the model (half the
+    q/KV heads and MLP columns, its vocabulary half) and binds rank 1's weights
+    file to it without copying. Its numerics need the other rank: the TP=2
+    numerics are checked on Inductor (tests/test_tensor_parallel.py)."""
+    import types
+
+    import torch.distributed as dist
+
+    from aotllm.models.npu_ops import NpuOps, prepare
+    from aotllm.models.parallel import TensorParallel, init_group_for_trace
+    from aotllm.models.shard import shard_model
+    from aotllm.runtime.ge_loader import GeLoader
+
+    case = cases("llama-gqa", "w8a16", "float32")
+    stored = shard_model(case.ref, TensorParallel(1, 2), case.record)
+    for m in stored.modules():
+        if hasattr(m, "ops"):
+            m.ops = NpuOps
+    prepare(stored)  # what write_weights stores for rank 1
+    constants = {n: p.detach() for n, p in stored.named_parameters(remove_duplicate=False)}
+    manifest = types.SimpleNamespace(dtype="float32", model_config=case.ref.config.hf_config,
+                                     quantization=case.record, tensor_parallel_size=2)
+    init_group_for_trace(TensorParallel(1, 2))
+    try:
+        model = GeLoader()._bound_model(manifest, constants, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    bound = dict(model.named_parameters(remove_duplicate=False))
+    assert bound.keys() == constants.keys()
+    assert all(bound[n].data_ptr() == constants[n].data_ptr() for n in bound)
+    full = case.ref.state_dict()
+    down = bound["model.layers.0.mlp.down_proj.weight"]  # int8 [in, out], rows halved
+    assert down.shape == (full["model.layers.0.mlp.down_proj.weight"].shape[1] // 2,
+                          full["model.layers.0.mlp.down_proj.weight"].shape[0])
+    assert model.model.layers[0].self_attn.tp == TensorParallel(1, 2)
+
+
 def test_ge_loader_rejects_a_mismatched_record(cases):
     import types
 
@@ -797,6 +871,7 @@ def test_ge_loader_rejects_a_mismatched_record(cases):
     case = cases("llama-gqa", "w8a16")
     # A record whose count of quantized linears the model cannot have.
     manifest = types.SimpleNamespace(dtype="bfloat16", model_config=case.ref.config.hf_config,
-                                     quantization={**case.record, "quantized_linears": 3})
+                                     quantization={**case.record, "quantized_linears": 3},
+                                     tensor_parallel_size=1)
     with pytest.raises(ArtifactError, match="quantization record does not fit"):
         GeLoader()._bound_model(manifest, {}, torch.device("cpu"))
