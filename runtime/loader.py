@@ -147,10 +147,15 @@ def _build_compiled_engine(args: EngineArgs) -> LLMEngine:
                             getattr(torch, manifest.dtype), device)
         group = (WorkerGroup.attach() if rank == 0 else
                  WorkerGroup.start(args.model, True, args.dtype, device, tp, spec.block_size))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        tokenizer_future = pool.submit(load_tokenizer, args.tokenizer or args.model)
-        artifact = load_artifact(args.model, device)
-        tokenizer = tokenizer_future.result()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tokenizer_future = pool.submit(load_tokenizer, args.tokenizer or args.model)
+            artifact = load_artifact(args.model, device)
+            tokenizer = tokenizer_future.result()
+    except BaseException:
+        if group is not None:
+            group.close(graceful=False)
+        raise
     plan = artifact.plan
     max_model_len = plan.max_model_len
     if args.max_model_len is not None:
@@ -255,5 +260,6 @@ def _build_eager_tp_engine(args: EngineArgs, source, device: torch.device) -> LL
                           eager_kv_spec(model, args.block_size),
                           config.resolve_max_model_len(args.max_model_len), args.max_num_seqs,
                           args.max_num_batched_tokens, weights_bytes, config.hf_config,
-                          config.vocab_size, args.model, model.dtype, source.load_tokenizer(),
-                          source.generation_config())
+                          config.vocab_size, args.model, model.dtype,
+                          load_tokenizer(args.tokenizer) if args.tokenizer
+                          else source.load_tokenizer(), source.generation_config())

@@ -3,11 +3,11 @@
 Rank 0 runs the scheduler, the sampler and its own part of the model. Ranks
 1..N-1 are spawned processes that load their part (an artifact's rank
 weights file, or their slices of a checkpoint) and loop: receive a step's
-inputs from rank 0 through two broadcasts on a control group of their own (a
-header: command, phase, shape; then the six graph inputs as one int64
-tensor), run the same graph on their
-own KV cache, drop the logits (every rank has them, all-gathered; rank 0
-samples). There is never a second scheduler.
+inputs from rank 0 through two broadcasts on a control group of their own
+(a header: command, phase, shape; then the six graph inputs as one int64
+tensor), run the same graph on their own KV cache, drop the logits (every
+rank has them, all-gathered; rank 0 samples). There is never a second
+scheduler.
 
 A rank that dies ends the group: gloo fails the next collective on the other
 ranks when a peer's socket closes, rank 0 turns that into an error naming
@@ -71,10 +71,11 @@ def _init_group(spec: WorkerSpec, rank: int):
     """Joins the group the graphs' collectives run on, and returns a second,
     gloo group for rank 0's control broadcasts.
 
-    The step inputs never travel on the graphs' group: interleaved with the
-    compiled all-reduces there, the ranks' collective tags came apart now and
-    then and both ranks waited in the same all-reduce (gloo, torch 2.13). On
-    CUDA the graphs' group is nccl, and the inputs are host tensors anyway."""
+    The step inputs never travel on the graphs' group: interleaved there with
+    the compiled all-reduces, in about half the runs both ranks ended up
+    waiting in the same all-reduce until the timeout (gloo, torch 2.13; with
+    a group of their own, 20 of 20 runs passed). On CUDA the graphs' group
+    is nccl, and the inputs are host tensors anyway."""
     import torch.distributed as dist
     # Every rank imports the functional collectives before its group exists:
     # a rank 0 that had imported them (the compiler does) and a worker that

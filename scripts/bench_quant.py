@@ -91,7 +91,8 @@ def kv_bytes(manifest: dict, batch: int, context: int) -> int:
     return per_token * context * batch * torch.empty(0, dtype=getattr(torch, kv["dtype"])).element_size()
 
 
-def compile_scheme(model: Path, out: Path, scheme: str | None, args) -> tuple[Path, float]:
+def compile_scheme(model: Path, out: Path, scheme: str | None, args,
+                   tensor_parallel_size: int = 1) -> tuple[Path, float]:
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
 
@@ -101,7 +102,7 @@ def compile_scheme(model: Path, out: Path, scheme: str | None, args) -> tuple[Pa
         model=str(model), output=str(out), dtype=args.dtype, max_model_len=max_len,
         max_num_seqs=max(batches), prefill_buckets=(args.prompt_len,),
         decode_batch_sizes=batches, context_buckets=(max_len,),
-        quantization=quant_config(scheme)))
+        quantization=quant_config(scheme), tensor_parallel_size=tensor_parallel_size))
     return out, sum(g.compile_seconds for g in manifest.graphs)
 
 

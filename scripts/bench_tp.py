@@ -33,27 +33,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _script(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def compile_tp(model: Path, out: Path, tp: int, args) -> Path:
-    from aotllm.compiler.config import CompileConfig
-    from aotllm.compiler.pipeline import compile_artifact
-
-    batches = tuple(int(b) for b in args.batch_sizes.split(","))
-    max_len = -(-(args.prompt_len + args.new_tokens) // 16) * 16
-    compile_artifact(CompileConfig(
-        model=str(model), output=str(out), dtype=args.dtype, max_model_len=max_len,
-        max_num_seqs=max(batches), prefill_buckets=(args.prompt_len,),
-        decode_batch_sizes=batches, context_buckets=(max_len,), tensor_parallel_size=tp))
-    return out
+def _bench_quant():
+    """scripts/bench_quant.py, whose checkpoint, compile and timing helpers this reuses."""
+    if "bench_quant" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_quant", HERE / "bench_quant.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_quant"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_quant"]
 
 
 def collectives_in_graph(artifact: Path, batch: int) -> dict[str, int]:
@@ -133,20 +120,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
-    bench = _script("bench")
+    quant = _bench_quant()
+    bench = quant.bench
     ap.add_argument("--cache-dir", type=Path, default=bench.DEFAULT_CACHE)
     args = ap.parse_args(argv)
 
     from aotllm import LLM
 
-    quant = _script("bench_quant")
     model = quant.checkpoint(args.model, args.cache_dir)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     cores = os.cpu_count() or 1
     print(f"torch {torch.__version__}; CPU flags: {quant.cpu_flags()}; {cores} cores; "
           f"model {model}", flush=True)
-    artifacts = {tp: compile_tp(model, args.cache_dir / f"tp{tp}-{model.stem}-{args.dtype}"
-                                f"-{args.prompt_len}", tp, args) for tp in (1, 2)}
+    artifacts = {tp: quant.compile_scheme(
+        model, args.cache_dir / f"tp{tp}-{model.stem}-{args.dtype}-{args.prompt_len}", None, args,
+        tensor_parallel_size=tp)[0] for tp in (1, 2)}
     rows = []
     step_ms: dict[int, float] = {}
     for label, tp, threads in (("TP=1, 1 thread", 1, 1), (f"TP=1, {cores} threads", 1, cores),
