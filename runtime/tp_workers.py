@@ -44,6 +44,18 @@ GROUP_TIMEOUT = timedelta(seconds=float(os.environ.get("AOTLLM_TP_TIMEOUT_S", "6
 # rank 0 still ends the wait at once (its socket closes).
 IDLE_TIMEOUT = timedelta(days=365)
 _STEP, _STOP = 1, 0
+
+
+def rank_threads(size: int) -> int:
+    """Compute threads per rank on the CPU: the cores split between the ranks
+    (AOTLLM_TP_THREADS overrides). More threads than cores is not only slow:
+    with rank 0 left at 2 OpenMP threads beside a 1-thread worker on 2 cores,
+    every run of 200 decode steps here ended with both ranks waiting in one
+    of the graphs' all-reduces until the group timeout (gloo, torch 2.13),
+    and none did with 1 thread each or with rank 0's OpenMP threads passive."""
+    if "AOTLLM_TP_THREADS" in os.environ:
+        return max(1, int(os.environ["AOTLLM_TP_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // size)
 _PHASES = ("prefill", "decode")
 
 
@@ -114,6 +126,19 @@ def launched_rank(size: int, device: torch.device) -> int | None:
     return dist.get_rank()
 
 
+def _limit_threads(device: torch.device, size: int) -> None:
+    """Rank 0's share of the cores (`rank_threads`), logged when it lowers
+    the count this process had."""
+    if device.type != "cpu":
+        return
+    threads = rank_threads(size)
+    if torch.get_num_threads() != threads:
+        logger.info("Tensor parallel on the CPU: %d compute thread(s) per rank (was %d in "
+                    "this process; AOTLLM_TP_THREADS overrides)", threads,
+                    torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
 class WorkerGroup:
     """Rank 0's handle on the other ranks."""
 
@@ -125,7 +150,8 @@ class WorkerGroup:
 
     @classmethod
     def attach(cls) -> "WorkerGroup":
-        """Rank 0 of ranks the user launched: the group exists already."""
+        """Rank 0 of ranks the user launched: the group exists already (torchrun
+        sets OMP_NUM_THREADS=1 per rank; the program owns its thread count)."""
         import atexit
 
         import torch.distributed as dist
@@ -143,6 +169,7 @@ class WorkerGroup:
         spec = WorkerSpec(model, compiled, dtype, str(device), size,
                           f"tcp://127.0.0.1:{_free_port()}", block_size, quantization)
         logger.info("Starting %d tensor-parallel worker processes", size - 1)
+        _limit_threads(device, size)
         ctx = multiprocessing.get_context("spawn")
         # Daemons: they end with rank 0's process.
         procs = [ctx.Process(target=_worker_main, args=(spec, r), daemon=True,
@@ -370,7 +397,8 @@ def follow_launched(executor, kv_spec, kv_dtype: torch.dtype, device: torch.devi
 def _worker_main(spec: WorkerSpec, rank: int) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(max(1, int(os.environ.get("AOTLLM_TP_THREADS", "1"))))
+    if spec.device == "cpu":
+        torch.set_num_threads(rank_threads(spec.size))
     control = _init_group(spec, rank)
     executor, kv_spec, kv_dtype = _load(spec, rank)
     follow(executor, kv_spec, kv_dtype, torch.device(spec.device), control)

@@ -163,14 +163,19 @@ def test_llm_eager_quantized_tp2_equals_tp1(tiny_models):
 def test_llm_compiled_starts_one_process_per_rank(artifacts):
     """`LLM(tp2_artifact)` starts rank 1 itself; the graphs' all-reduces run on
     the default group, the step inputs on a second one (they hung when both
-    shared one group). An idle spell longer than the group timeout does not
-    end the group: the workers wait for work without a timeout."""
+    shared one group). Rank 0 keeps its share of the cores (more threads than
+    cores hung a long run). 90 tokens per prompt: about 100 steps, where the
+    hangs showed. An idle spell longer than the group timeout does not end
+    the group: the workers wait for work without a timeout."""
+    import os
+
     tp1 = artifacts.get("llama-gqa", **TP_PLAN)
     tp2 = artifacts.get("llama-gqa", tensor_parallel_size=2, **TP_PLAN)
-    want = _llm("generate", tp1)
-    got = _llm("idle", tp2, group_timeout=8)
+    want = _llm("generate", tp1, max_tokens=90)
+    got = _llm("idle", tp2, group_timeout=8, max_tokens=90)
     assert (want["workers"], got["workers"]) == (0, 1)
     assert got["tokens"] == got["again"] == want["tokens"]
+    assert got["threads"][1] == max(1, (os.cpu_count() or 1) // 2)
 
 
 def test_torchrun_ranks_serve_rank0s_engine(artifacts):

@@ -22,12 +22,15 @@ def main() -> None:
     from aotllm.runtime.sampling_params import SamplingParams
     from tests.tp_harness import PROMPTS
 
-    torch.set_num_threads(1)
     mode, model = sys.argv[1], sys.argv[2]
     kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    max_tokens = kwargs.pop("max_tokens", 10)
+    # The process's default thread count: with ranks, rank 0 lowers it to its
+    # share of the cores itself (runtime/tp_workers.py says why).
+    threads_before = torch.get_num_threads()
     llm = LLM(model, max_num_batched_tokens=16, max_num_seqs=4, num_gpu_blocks_override=64,
               **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     def greedy() -> list[list[int]]:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
@@ -35,7 +38,8 @@ def main() -> None:
 
     executor = llm.llm_engine.engine_core.runner.executor
     group = getattr(executor, "group", None)
-    result: dict = {"tokens": greedy(), "workers": len(group.procs) if group else 0}
+    result: dict = {"tokens": greedy(), "workers": len(group.procs) if group else 0,
+                    "threads": [threads_before, torch.get_num_threads()]}
     if mode == "kill":
         group.procs[0].kill()
         group.procs[0].join()
