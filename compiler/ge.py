@@ -67,14 +67,19 @@ def import_torchair():
     return _torchair()
 
 
+def _trace_rank() -> int | None:
+    """The rank a tensor-parallel model is traced as (compiler/parallel.py gives
+    each worker a fake process group), None without a group."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
 def _export_options_file(out_dir: Path) -> Path:
     """Where torchair's export left the graph's options.json: beside the .air,
     or in rank_<r>/ under a process group (torchair's `_get_subpath`)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return out_dir / f"rank_{dist.get_rank()}" / "options.json"
-    return out_dir / "options.json"
+    rank = _trace_rank()
+    return out_dir / ("options.json" if rank is None else f"rank_{rank}/options.json")
 
 
 def ge_example_inputs(bucket: Bucket, spec: KVCacheSpec, dtype: torch.dtype,
@@ -242,14 +247,10 @@ class GeBackend:
             raise RuntimeError(f"torchair did not export the {bucket.name} graph")
         finally:
             torch._dynamo.reset()
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            # Under a process group (tensor parallelism: the graphs hold HCCL
-            # ops) torchair names rank r's graph <name><r>.air and writes its
-            # options to rank_<r>/options.json.
-            return Path(out_dir) / f"{bucket.name}{dist.get_rank()}.air"
-        return Path(out_dir) / f"{bucket.name}.air"
+        # Under a process group (tensor parallelism: the graphs hold HCCL ops)
+        # torchair names rank r's graph <name><r>.air.
+        rank = _trace_rank()
+        return Path(out_dir) / f"{bucket.name}{'' if rank is None else rank}.air"
 
     def cache_dir(self, bucket: Bucket) -> Path:
         """Where torchair's compiled-graph cache of `bucket` lives in the artifact.
@@ -307,9 +308,7 @@ class GeBackend:
             (target.parent.parent / "README.txt").write_text(_GE_OPTIONS_README)
             os.replace(options, target)
             os.replace(air, out_path)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _trace_rank() is not None:
             # Tensor parallel: torchair keys its cache by rank, and a cached
             # graph with HCCL ops rebuilds its process group on the NPU when
             # it loads. Each rank compiles its own cache at first load
