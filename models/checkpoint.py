@@ -22,6 +22,15 @@ from tqdm import tqdm
 from aotllm.models.gguf_checkpoint import GGUFCheckpoint, is_gguf_file
 
 
+class TensorPart(Protocol):
+    """A checkpoint tensor not read yet (safetensors' slice): its shape, and
+    indexing with ranges reads only those bytes."""
+
+    def get_shape(self) -> list[int]: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
+
+
 @runtime_checkable
 class CheckpointSource(Protocol):
     """One checkpoint on disk, read lazily: nothing heavy happens in __init__."""
@@ -50,6 +59,12 @@ class CheckpointSource(Protocol):
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) pairs, one tensor materialised at a time."""
+        ...
+
+    def tensor_parts(self) -> Iterator[tuple[str, "torch.Tensor | TensorPart"]]:
+        """As `tensors`, but a reader that can read part of a tensor yields a
+        `TensorPart` instead, so a tensor-parallel rank reads only its rows
+        and columns (models/weights.py: `Shard.load`)."""
         ...
 
     def load_tokenizer(self) -> Any:
@@ -181,6 +196,12 @@ class SafetensorsCheckpoint:
         return files
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._read(parts=False)
+
+    def tensor_parts(self) -> Iterator[tuple[str, TensorPart]]:
+        return self._read(parts=True)
+
+    def _read(self, parts: bool) -> Iterator[tuple[str, Any]]:
         from safetensors import SafetensorError, safe_open
 
         files = self.files()
@@ -196,7 +217,7 @@ class SafetensorsCheckpoint:
             with f:
                 for name in f.keys():
                     if not name.endswith(self._IGNORED_SUFFIXES):
-                        yield name, f.get_tensor(name)
+                        yield name, (f.get_slice(name) if parts else f.get_tensor(name))
 
     def load_tokenizer(self) -> Any:
         return hf_tokenizer(self.path)

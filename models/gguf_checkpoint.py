@@ -197,6 +197,10 @@ class GGUFCheckpoint:
                 w = grouped_qkv(w, n_head, n_kv)
             yield name, w
 
+    def tensor_parts(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # Quantized GGUF blocks dequantize whole tensors: nothing to read in part.
+        return self.tensors()
+
     # -- tokenizer --------------------------------------------------------------
 
     def load_tokenizer(self) -> Any:

@@ -75,7 +75,7 @@ def load_weights(model: CausalLM, checkpoint: str | Path | CheckpointSource,
             weight_map[f"{ckpt.removesuffix('.weight')}.{attr}"] = replace(shard, param=name)
     weights.load_weights(
         model, weight_map, source.describe(), model.config.architecture,
-        source.tensors() if tensors is None else tensors,
+        source.tensor_parts() if tensors is None else tensors,
         skip=model.ignored_checkpoint_tensors(),
     )
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from aotllm.models.parallel import Split
+
+if TYPE_CHECKING:
+    from aotllm.models.checkpoint import TensorPart
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,14 +54,19 @@ class Shard:
             dst = dst.narrow(0, self.start, self.size)
         return dst
 
-    def load(self, param: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy a checkpoint tensor into its place (the shard's weight loader)."""
+    def load(self, param: torch.Tensor, src: "torch.Tensor | TensorPart") -> None:
+        """Copy a checkpoint tensor into its place (the shard's weight loader).
+        From a `TensorPart` only the span of rows and columns the shard takes
+        is read: a tensor-parallel rank's slice, not the whole tensor."""
         dst = self.target(param)
-        if self.cols is not None:
-            src = src.index_select(1, self.cols)
-        if self.rows is not None and src.dim() > 0:
-            pad = self.rows < 0
-            src = src.index_select(0, self.rows.clamp(min=0))
+        rows, cols = self.rows, self.cols
+        if not isinstance(src, torch.Tensor):
+            src, rows, cols = _read_span(src, rows, cols, tuple(dst.shape))
+        if cols is not None:
+            src = src.index_select(1, cols)
+        if rows is not None and src.dim() > 0:
+            pad = rows < 0
+            src = src.index_select(0, rows.clamp(min=0))
             if bool(pad.any()):
                 src[pad] = 0
         if tuple(src.shape) != tuple(dst.shape):
@@ -101,6 +110,39 @@ class Shard:
             out[self.rows] = part
             part = out
         return part
+
+
+def _span(index: torch.Tensor | None, length: int) -> tuple[int, int]:
+    """[first, last + 1) of the indices a shard takes along one dimension
+    (padding rows, -1, take nothing); the whole dimension when all of it."""
+    if index is None:
+        return 0, length
+    used = index[index >= 0]
+    # All padding: one row, which the shard zeroes.
+    return (int(used.min()), int(used.max()) + 1) if used.numel() else (0, min(1, length))
+
+
+def _read_span(part: TensorPart, rows: torch.Tensor | None, cols: torch.Tensor | None,
+               want: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None,
+                                              torch.Tensor | None]:
+    """Reads the rows x columns span a shard uses from a checkpoint tensor
+    not read yet; returns it with the shard's indices made relative to it."""
+    shape = tuple(part.get_shape())
+    if not shape:
+        return part[()], rows, cols
+    r0, r1 = _span(rows, shape[0])
+    index: list[slice] = [slice(r0, r1)]
+    if len(shape) > 1:
+        c0, c1 = _span(cols, shape[1])
+        index.append(slice(c0, c1))
+        if c1 > shape[1]:
+            raise _ShapeError(shape, want)
+        cols = None if cols is None else cols - c0
+    if r1 > shape[0]:
+        raise _ShapeError(shape, want)
+    if rows is not None:
+        rows = torch.where(rows >= 0, rows - r0, rows)
+    return part[tuple(index)], rows, cols
 
 
 class _ShapeError(ValueError):

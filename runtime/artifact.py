@@ -121,6 +121,16 @@ class CompiledExecutor:
                             block_size=bs, depends_on=depends_on)
         return [members for _, members in groups]
 
+    # Inference mode, as the eager path: besides skipping autograd bookkeeping,
+    # it keeps the views that gloo cuts inside an in-graph all-gather free of
+    # autograd view metadata. Those views are freed on gloo's worker thread,
+    # and freeing view metadata takes the GIL, which an AOTInductor graph
+    # holds for its whole run (torch 2.13): when the freeing fell inside the
+    # next graph call, the worker thread waited for the GIL while holding
+    # gloo's queue lock, the graph waited for that lock to enqueue its first
+    # all-reduce, and the other rank waited in that all-reduce (seen in about
+    # 1 of 8 TP runs beside a busy core).
+    @torch.inference_mode()
     def __call__(self, phase: str, shape: StepShape, *inputs) -> torch.Tensor:
         *tensors, kv_caches = inputs
         graph = self.graphs[Bucket(phase, shape.batch, shape.tokens, shape.context_blocks)]

@@ -48,11 +48,8 @@ _STEP, _STOP = 1, 0
 
 def rank_threads(size: int) -> int:
     """Compute threads per rank on the CPU: the cores split between the ranks
-    (AOTLLM_TP_THREADS overrides). More threads than cores is not only slow:
-    with rank 0 left at 2 OpenMP threads beside a 1-thread worker on 2 cores,
-    every run of 200 decode steps here ended with both ranks waiting in one
-    of the graphs' all-reduces until the group timeout (gloo, torch 2.13),
-    and none did with 1 thread each or with rank 0's OpenMP threads passive."""
+    (AOTLLM_TP_THREADS overrides), so the ranks' OpenMP threads do not
+    oversubscribe the cores and spin against each other."""
     if "AOTLLM_TP_THREADS" in os.environ:
         return max(1, int(os.environ["AOTLLM_TP_THREADS"]))
     return max(1, (os.cpu_count() or 1) // size)
@@ -83,11 +80,15 @@ def _init_group(spec: WorkerSpec, rank: int):
     """Joins the group the graphs' collectives run on, and returns a second,
     gloo group for rank 0's control broadcasts.
 
-    The step inputs never travel on the graphs' group: interleaved there with
-    the compiled all-reduces, in about half the runs both ranks ended up
-    waiting in the same all-reduce until the timeout (gloo, torch 2.13; with
-    a group of their own, 20 of 20 runs passed). On CUDA the graphs' group
-    is nccl, and the inputs are host tensors anyway."""
+    The step inputs never travel on the graphs' group. They are Python
+    tensors: gloo's worker thread may free the last reference to one after
+    the broadcast, which takes the GIL, and it does so holding its group's
+    queue lock. An AOTInductor graph holds the GIL for its whole run, so
+    when that happened inside a graph, the graph could not enqueue its next
+    all-reduce and both ranks waited until the timeout (about half of the
+    10-token runs, torch 2.13). See CompiledExecutor for the same deadlock
+    through the graphs' own all-gather. On CUDA the graphs' group is nccl,
+    and the inputs are host tensors anyway."""
     import torch.distributed as dist
     # Every rank imports the functional collectives before its group exists:
     # a rank 0 that had imported them (the compiler does) and a worker that

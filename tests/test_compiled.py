@@ -230,3 +230,22 @@ def test_one_artifact_serves_any_kv_cache_size(fp32_artifact, eager, num_blocks)
     assert all(kv.shape[1] == num_blocks for kv in runner.kv_caches)
     prompts = _prompts(eager.llm_engine.vocab_size, [20, 35, 9, 50], seed=11)
     assert _greedy(llm, prompts, 24) == _greedy(eager, prompts, 24)
+
+
+def test_graphs_run_in_inference_mode(compiled, monkeypatch):
+    """An AOTInductor graph holds the GIL for its whole run. Tensors it makes
+    outside inference mode (gloo's all-gather views among them) carry autograd
+    metadata whose freeing takes the GIL, which deadlocked TP ranks when
+    gloo's worker thread freed one during the next graph (CompiledExecutor).
+    The graphs run in inference mode: what they return is an inference tensor."""
+    seen: list[bool] = []
+    original = CompiledExecutor.__call__
+
+    def spy(self, phase, shape, *inputs):
+        out = original(self, phase, shape, *inputs)
+        seen.append(out.is_inference())
+        return out
+
+    monkeypatch.setattr(CompiledExecutor, "__call__", spy)
+    _greedy(compiled, _prompts(compiled.llm_engine.vocab_size, [5, 20], 3), 3)
+    assert seen and all(seen)

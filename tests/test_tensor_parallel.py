@@ -74,6 +74,43 @@ def test_rank_slices_of_the_weights(tiny_models):
         assert not emb[rows.shape[0]:].any()
 
 
+def test_a_rank_reads_only_its_slices(tiny_models, monkeypatch):
+    """From safetensors a rank reads only the rows and columns it keeps of
+    each tensor, not whole tensors: half the checkpoint, plus the norms it
+    keeps whole."""
+    from aotllm.models.checkpoint import SafetensorsCheckpoint, open_checkpoint
+
+    read: list[int] = []
+    original = SafetensorsCheckpoint.tensor_parts
+
+    class Counted:
+        def __init__(self, part):
+            self.part = part
+
+        def get_shape(self):
+            return self.part.get_shape()
+
+        def __getitem__(self, index):
+            t = self.part[index]
+            read.append(t.numel())
+            return t
+
+    def counted(self):
+        for name, part in original(self):
+            yield name, Counted(part)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "tensor_parts", counted)
+    path = tiny_models.get("llama-gqa")
+    total = sum(t.numel() for _, t in open_checkpoint(path).tensors())
+    norms = sum(t.numel() for n, t in open_checkpoint(path).tensors() if "norm" in n)
+    load_model(path, "float32")
+    assert sum(read) == total
+    for rank in range(2):
+        read.clear()
+        load_model(path, "float32", tp=TensorParallel(rank, 2))
+        assert sum(read) == (total - norms) // 2 + norms
+
+
 def test_shapes_that_do_not_split_are_refused(tiny_models):
     path = tiny_models.get("llama-gqa")  # 4 heads, 2 KV heads
     with pytest.raises(ValueError, match="num_attention_heads .4. is not divisible by "
@@ -162,11 +199,11 @@ def test_llm_eager_quantized_tp2_equals_tp1(tiny_models):
 
 def test_llm_compiled_starts_one_process_per_rank(artifacts):
     """`LLM(tp2_artifact)` starts rank 1 itself; the graphs' all-reduces run on
-    the default group, the step inputs on a second one (they hung when both
-    shared one group). Rank 0 keeps its share of the cores (more threads than
-    cores hung a long run). 90 tokens per prompt: about 100 steps, where the
-    hangs showed. An idle spell longer than the group timeout does not end
-    the group: the workers wait for work without a timeout."""
+    the default group, the step inputs on a second one. Rank 0 keeps its
+    share of the cores. 90 tokens per prompt: about 100 steps, where the GIL
+    deadlock of gloo's worker thread showed (see CompiledExecutor). An idle
+    spell longer than the group timeout does not end the group: the workers
+    wait for work without a timeout."""
     import os
 
     tp1 = artifacts.get("llama-gqa", **TP_PLAN)
