@@ -128,8 +128,8 @@ class CompiledExecutor:
     # holds for its whole run (torch 2.13): when the freeing fell inside the
     # next graph call, the worker thread waited for the GIL while holding
     # gloo's queue lock, the graph waited for that lock to enqueue its first
-    # all-reduce, and the other rank waited in that all-reduce (seen in about
-    # 1 of 8 TP runs beside a busy core).
+    # all-reduce, and the other rank waited in that all-reduce (stack dumps of
+    # TP runs beside a busy core, or with 2 threads per rank on 2 cores).
     @torch.inference_mode()
     def __call__(self, phase: str, shape: StepShape, *inputs) -> torch.Tensor:
         *tensors, kv_caches = inputs
