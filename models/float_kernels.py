@@ -105,8 +105,15 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (weight * scale)^T + bias for one row, accumulated in FP32 and
     rounded once to x's dtype, as a reduction Inductor fuses (see above).
-    `weight` may be int8 (then `scale` is its per-output-channel scale)."""
-    out = (realized(x).float().unsqueeze(-2) * weight.float()).sum(-1)
+    `weight` may be int8 (then `scale` is its per-output-channel scale).
+
+    x is realised in FP32 (its producer writes the FP32 copy of its rounded
+    values): realised in x's dtype, Inductor converted it again for every
+    output row, inside the loop that streams the weight. Measured on the
+    ~125M Llama's batch-1 decode graph: 20.4 -> 13.1 ms per step restricted
+    to AVX2, 10.6-11.7 -> 9.8-10.2 ms (bf16) and 9.9-11.3 -> 8.8-9.0 ms
+    (w8a16) with AVX-512."""
+    out = (realized(x.float()).unsqueeze(-2) * weight.float()).sum(-1)
     if scale is not None:
         out = out * scale.float()
     if bias is not None:
