@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from aotllm.graphs.devices import DEVICE_TYPES
+from aotllm.graphs.devices import DEVICE_TYPES, device_type
 # argparse only, no server imports: cheap for `aotllm --help`.
 from aotllm.runtime.entrypoints.openai.cli_args import add_server_args, positive_int
 from aotllm.logger import LOG_DATEFMT, LOG_FORMAT
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "dimensions (default); --no-dynamic-shapes: one graph per bucket")
     c.add_argument("--compile-workers", type=positive_int, default=None, metavar="N",
                    help="inductor: compile N graphs at once in forked worker processes "
-                        "(default: the CPU count, at most 4)")
+                        "(default: the CPU count, at most 4; CPU only, 1 for cuda)")
     c.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
                    help="inductor or ge: split the model across N ranks (one weights file "
                         "each, one graph set with the collectives inside; served by N "
@@ -236,7 +236,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         quantization=_quant_config(args, QuantConfig, resolve_scheme),
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         ge_dim_gears=args.ge_dim_gears, dynamic_shapes=args.dynamic_shapes,
-        compile_workers=args.compile_workers or min(os.cpu_count() or 1, 4),
+        # Forked workers cannot use CUDA (CompileConfig says so when asked).
+        compile_workers=args.compile_workers or (1 if device_type(device) == "cuda"
+                                                 else min(os.cpu_count() or 1, 4)),
         tensor_parallel_size=args.tensor_parallel_size,
     )
     t0 = time.perf_counter()

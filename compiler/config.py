@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aotllm.graphs.devices import device_type
 from aotllm.quantize.config import QuantConfig
 
 
@@ -59,6 +60,17 @@ class CompileConfig:
                              "--backend ge (Ascend, HCCL)")
         if self.compile_workers <= 0:
             raise ValueError(f"compile_workers must be positive, got {self.compile_workers}")
+        if device_type(self.device) == "cuda" and (self.compile_workers > 1
+                                                   or self.tensor_parallel_size > 1):
+            # Workers are forked after the model is loaded onto the target
+            # device (and TP always traces in workers), and a forked child
+            # cannot use CUDA once its parent has.
+            what = ("--tensor-parallel-size" if self.tensor_parallel_size > 1
+                    else "--compile-workers")
+            raise ValueError(f"{what} compiles in forked worker processes, which cannot use "
+                             "CUDA once the model is on the GPU: compile CUDA artifacts "
+                             "with one worker and one rank (Inductor already compiles a "
+                             "graph's GPU kernels in parallel)")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

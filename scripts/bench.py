@@ -15,6 +15,11 @@ other busy process stalls every parallel region of the graph.
     python scripts/bench.py [--modes compiled,eager,transformers] [--batch-sizes 1,8]
     python scripts/bench.py --modes compiled --peers bf16,f32,q8_0   # llama.cpp side by side
     python scripts/bench.py --modes compiled --no-dynamic-shapes      # one graph per bucket
+    python scripts/bench.py --device cuda --batch-sizes 1,8,32        # a CUDA GPU
+
+On CUDA, bandwidth and MBU are the GPU's, and "graph ms" is the time to
+launch a graph's kernels (they run asynchronously; the step's sampling waits
+for them), so compare "step ms" there.
 """
 
 from __future__ import annotations
@@ -62,14 +67,23 @@ class Result:
     step_ms: float | None = None  # compiled decode: whole engine step
 
 
-def memory_bandwidth_gb_s() -> float:
-    """Read bandwidth: summing a 512 MiB tensor (far beyond any cache)."""
-    x = torch.ones(128 << 20, dtype=torch.float32)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth_gb_s(device: torch.device = torch.device("cpu")) -> float:
+    """Read bandwidth: summing a 512 MiB tensor (far beyond any cache; 2 GiB on
+    a GPU, beyond its L2)."""
+    x = torch.ones((128 if device.type == "cpu" else 512) << 20, dtype=torch.float32,
+                   device=device)
     x.sum()
     best = float("inf")
     for _ in range(5):
+        _sync(device)
         t = time.perf_counter()
         x.sum()
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
 
@@ -146,11 +160,12 @@ def _bench_engine(engine, mode: str, prompts, new_tokens: int) -> Result:
     return Result(mode, len(prompts), t_first - t0, decode_tokens / (total - (t_first - t0)), total)
 
 
-def bench_transformers(path: Path, dtype: torch.dtype, prompts, new_tokens: int) -> Result:
+def bench_transformers(path: Path, dtype: torch.dtype, prompts, new_tokens: int,
+                       device: torch.device = torch.device("cpu")) -> Result:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor(prompts)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
+    ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
     def gen(n: int) -> float:
@@ -158,6 +173,7 @@ def bench_transformers(path: Path, dtype: torch.dtype, prompts, new_tokens: int)
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
+        _sync(device)
         return time.perf_counter() - t
 
     gen(2)  # warm-up
@@ -168,7 +184,7 @@ def bench_transformers(path: Path, dtype: torch.dtype, prompts, new_tokens: int)
 
 
 def compile_for_bench(path: Path, out: Path, max_len: int, max_batch: int, prompt_len: int,
-                      dynamic_shapes: bool | None = None):
+                      dynamic_shapes: bool | None = None, device: str = "cpu"):
     """The artifact the compiled mode serves; per-bucket compile seconds come back."""
     from aotllm.compiler.config import CompileConfig
     from aotllm.compiler.pipeline import compile_artifact
@@ -176,7 +192,7 @@ def compile_for_bench(path: Path, out: Path, max_len: int, max_batch: int, promp
     cfg = CompileConfig(
         model=str(path), output=str(out), dtype="auto", max_model_len=max_len,
         max_num_seqs=max_batch, prefill_buckets=(16, 64, prompt_len),
-        context_buckets=(max_len,), dynamic_shapes=dynamic_shapes,
+        context_buckets=(max_len,), dynamic_shapes=dynamic_shapes, device=device,
     )
     t = time.perf_counter()
     manifest = compile_artifact(cfg)
@@ -282,20 +298,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dynamic-shapes", action=argparse.BooleanOptionalAction, default=None,
                     help="--no-dynamic-shapes compiles one graph per bucket (default: one "
                          "per shape group)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where aotllm and transformers run (llama.cpp peers stay on the CPU)")
     ap.add_argument("--peers", default="", metavar="TYPES",
                     help="also run llama.cpp (llama-cpp-python) on GGUF conversions of the same "
                          "checkpoint, e.g. bf16,f32,q8_0, and print the target ratios")
     args = ap.parse_args(argv)
 
+    if args.peers and args.device != "cpu":
+        ap.error("--peers runs llama.cpp on the CPU: compare it with --device cpu")
     path = ensure_checkpoint(args.cache_dir, args.preset, args.dtype)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = args.modes.split(",")
     max_len = args.prompt_len + args.new_tokens
-    bandwidth = memory_bandwidth_gb_s()
+    device = torch.device(args.device)
+    bandwidth = memory_bandwidth_gb_s(device)
     dtype_bytes = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, checkpoint {path}, "
           f"{args.dtype}; memory read bandwidth {bandwidth:.1f} GB/s", flush=True)
     print(cpu_line(), flush=True)
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}; bandwidth and MBU are the GPU's",
+              flush=True)
     results: list[Result] = []
     extra: dict = {"bandwidth_gb_s": bandwidth}
     for mode in modes:
@@ -303,16 +327,19 @@ def main(argv: list[str] | None = None) -> None:
             vocab = json.loads((path / "config.json").read_text())["vocab_size"]
             for b in batches:
                 results.append(bench_transformers(path, getattr(torch, args.dtype),
-                                                  _prompts(vocab, b, args.prompt_len), args.new_tokens))
+                                                  _prompts(vocab, b, args.prompt_len), args.new_tokens,
+                                                  device))
                 print(results[-1], flush=True)
             continue
         from aotllm import LLM
 
         if mode == "compiled":
             artifact = args.cache_dir / (f"artifact-{path.name}-{max_len}-{max(batches)}"
-                                         + ("-static" if args.dynamic_shapes is False else ""))
+                                         + ("-static" if args.dynamic_shapes is False else "")
+                                         + ("" if device.type == "cpu" else f"-{device.type}"))
             manifest, seconds = compile_for_bench(path, artifact, max_len, max(batches),
-                                                  args.prompt_len, args.dynamic_shapes)
+                                                  args.prompt_len, args.dynamic_shapes,
+                                                  args.device)
             # Per graph file: with --dynamic-shapes one file serves several buckets.
             extra["compile_s"] = {Path(e.file).stem: round(e.compile_seconds, 1)
                                   for e in manifest.graphs}
@@ -326,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             llm = LLM(str(artifact))
         elif mode == "eager":
             llm = LLM(str(path), dtype=args.dtype, enforce_eager=True, max_model_len=max_len,
-                      max_num_seqs=max(batches))
+                      max_num_seqs=max(batches), device=args.device)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
         for b in batches:

@@ -40,6 +40,16 @@ def test_inductor_refuses_an_npu_target(llama_dir):
         get_backend(CompileConfig(model=str(llama_dir), output="x", device="npu"))
 
 
+@pytest.mark.parametrize("option", [{"compile_workers": 2}, {"tensor_parallel_size": 2}])
+def test_cuda_compiles_refuse_forked_workers(option):
+    """Workers fork after the model is on the target device, and a forked
+    child cannot use CUDA once its parent has: refused up front, not a crash
+    in every worker."""
+    with pytest.raises(ValueError, match="cannot use CUDA"):
+        CompileConfig(model="m", output="x", device="cuda:0", **option)
+    CompileConfig(model="m", output="x", device="cpu", **option)  # the CPU forks fine
+
+
 def test_device_names():
     assert supported_device_type("npu:1") == "npu"
     assert DISTRIBUTED_BACKENDS["npu"] == "hccl"
