@@ -163,7 +163,8 @@ FAMILY_PLAN = dict(max_model_len=64, max_num_seqs=2, block_size=16, prefill_buck
 # One decoder layer: a family's layer code is all there, at half the compile time.
 ONE_LAYER = {"num_hidden_layers": 1}
 COMPILED_VARIANTS = ["qwen3-gqa", "glm4-mqa-tied", "chatglm-mqa-bias", "internlm2-mqa-dynamic",
-                     "falcon-newarch-bias-tied", "mixtral-top2", "qwen2-moe-shared"]
+                     "falcon-newarch-bias-tied", "mixtral-top2", "qwen2-moe-shared",
+                     "qwen3-moe-norm-topk"]
 
 
 def _rows_for(bucket, vocab: int) -> list[tuple[list[int], int, list[int]]]:
