@@ -84,8 +84,17 @@ def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
     assert w8a16(128, bf16, cpu, grouped=False) == "dequant_matmul"
 
 
+def test_chunk_rows_fit_a_share_of_the_l2(monkeypatch):
+    monkeypatch.setattr(cpu_isa, "l2_cache_bytes", lambda: 2 << 20)  # Sapphire Rapids
+    assert [float_kernels.chunk_rows(k) for k in (768, 2048, 576)] == [256, 64, 256]
+    monkeypatch.setattr(cpu_isa, "l2_cache_bytes", lambda: 512 << 10)  # Zen 3
+    assert [float_kernels.chunk_rows(k) for k in (96, 768, 1 << 20)] == [512, 64, 32]
+    assert cpu_isa.l2_cache_bytes() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp32_chunked_linear_is_an_fp32_gemm_rounded_once(dtype):
+def test_fp32_chunked_linear_is_an_fp32_gemm_rounded_once(dtype, monkeypatch):
+    monkeypatch.setattr(cpu_isa, "l2_cache_bytes", lambda: 512 << 10)  # 512 rows at K=96
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 96, generator=g).to(dtype)
     # 1100 output rows: two full chunks and a partial one.
@@ -111,7 +120,7 @@ from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.pipeline import compile_artifact
 from aotllm.graphs.manifest import Manifest
 from aotllm.models import float_kernels
-float_kernels.CHUNK_ROWS = 48  # several chunks even in the tiny model
+float_kernels.chunk_rows = lambda k: 48  # several chunks even in the tiny model
 model, out = sys.argv[1], sys.argv[2]
 compile_artifact(CompileConfig(model=model, output=out, dtype="bfloat16", max_model_len=64,
                                max_num_seqs=1, block_size=16, prefill_buckets=(16, 32),
