@@ -60,15 +60,17 @@ GEMV_MAX_ROWS = 1
 
 
 def chunk_rows(k: int) -> int:
-    """Output rows cast per chunk: a power of two whose FP32 copy takes about
-    3/8 of the L2, leaving room for the GEMM's input and output rows.
+    """Output rows cast per chunk: a power of two whose FP32 copy takes at
+    most half the L2, leaving room for the GEMM's input and output rows.
 
     Measured on the ~125M Llama's decode batch-8 graph restricted to AVX2
     (2 MiB L2; step medians of alternated runs): 512 rows for every K (1.5 MiB
     at K=768, 4 MiB at the down projection's K=2048) 28.0-30.4 ms; 2048 rows
-    40-42 ms; 128 rows 27.5-28.3 ms; 256 rows 24.6-28.0 ms; this rule (256 rows
-    at K=768, 64 at K=2048) 24.2-25.6 ms."""
-    target = max(32, cpu_isa.l2_cache_bytes() * 3 // 8 // (4 * k))
+    40-42 ms; 128 rows 27.5-28.3 ms; 256 rows 24.6-28.0 ms; 256 rows at K=768
+    with 64 at K=2048 24.2-25.6 ms, with 128 at K=2048 (this rule) 25.3-25.5 ms.
+    More chunks mean more GEMM calls in the graph, and compile time grows with
+    them: this rule's 128 rows at K=2048 keep half the calls of 64."""
+    target = max(32, cpu_isa.l2_cache_bytes() // 2 // (4 * k))
     return 1 << (target.bit_length() - 1)
 
 

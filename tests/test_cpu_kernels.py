@@ -86,7 +86,7 @@ def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
 
 def test_chunk_rows_fit_a_share_of_the_l2(monkeypatch):
     monkeypatch.setattr(cpu_isa, "l2_cache_bytes", lambda: 2 << 20)  # Sapphire Rapids
-    assert [float_kernels.chunk_rows(k) for k in (768, 2048, 576)] == [256, 64, 256]
+    assert [float_kernels.chunk_rows(k) for k in (768, 2048, 576)] == [256, 128, 256]
     monkeypatch.setattr(cpu_isa, "l2_cache_bytes", lambda: 512 << 10)  # Zen 3
     assert [float_kernels.chunk_rows(k) for k in (96, 768, 1 << 20)] == [512, 64, 32]
     assert cpu_isa.l2_cache_bytes() > 0
