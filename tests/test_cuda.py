@@ -23,13 +23,11 @@ import torch
 from aotllm import LLM, SamplingParams
 from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.pipeline import compile_artifact
-from aotllm.graphs.kv_cache import NULL_BLOCK
 from aotllm.graphs.manifest import Manifest
-from aotllm.models.loader import load_model
 from aotllm.quantize.config import QuantConfig
 from tests.conftest import COMPILE_PLAN
-from tests.test_compiled import (EAGER_KW, PLAN, _greedy, _logit_cases, _paged_inputs,
-                                 _prompts, _top5, workload)
+from tests.test_compiled import (EAGER_KW, PLAN, _greedy, _prompts, _top5,
+                                 check_graph_logits, workload)
 from tests.test_compiled import calls  # noqa: F401  (fixture)
 
 pytestmark = [
@@ -92,24 +90,7 @@ def test_greedy_tokens_match_eager_on_bucket(bucket, compiled, eager, calls):  #
 
 
 def test_graph_logits_and_kv_writes_match_eager_model(compiled, checkpoint):
-    executor = compiled.llm_engine.runner.executor
-    model = load_model(checkpoint, "float32").to(CUDA)
-    spec = compiled.llm_engine.runner.kv_spec
-    for bucket, rows in _logit_cases(compiled.llm_engine.vocab_size):
-        inputs = [t.to(CUDA) for t in _paged_inputs(rows, bucket)]
-        torch.manual_seed(0)
-        kv = [torch.randn(spec.layer_shape(12), device=CUDA) for _ in range(spec.num_layers)]
-        kv_graph = [k.clone() for k in kv]
-        kv_eager = [k.clone() for k in kv]
-        got = executor.graphs[bucket]([*inputs, *kv_graph])[0]
-        with torch.inference_mode():
-            want = model(*inputs, kv_eager)
-        n = len(rows)
-        diff = (got[:n] - want[:n]).abs().max().item()
-        assert diff < 1e-4, f"{bucket.name}: max abs logit difference {diff}"
-        for a, e in zip(kv_graph, kv_eager):
-            assert torch.allclose(a[:, NULL_BLOCK + 1:], e[:, NULL_BLOCK + 1:], atol=1e-5)
-        assert not torch.equal(kv_graph[0], kv[0]), f"{bucket.name} wrote no K/V"
+    check_graph_logits(compiled, checkpoint, CUDA)
 
 
 def test_bf16_artifact_agrees_with_bf16_eager_within_top5(cuda_artifact, checkpoint):
