@@ -21,8 +21,8 @@ precision GEMM is compute bound at a fraction of FP32 speed, its time growing
 linearly with the rows. Such calls compute in FP32 instead, over weights that
 stay stored in their compact dtype: the weight is cast in chunks of output
 rows, each chunk's FP32 copy small enough to stay in L2 (`chunk_rows`), and
-the chunk's GEMM runs right after its cast. The weights file and the bytes held in
-memory do not change.
+the chunk's GEMM runs right after its cast. The weights file and the bytes
+held in memory do not change.
 
 Measured in AOTInductor graphs, one [4096, 768] bf16 linear, on the 2-core
 Xeon of the README's figures restricted to AVX2 (ATEN_CPU_CAPABILITY=avx2

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="--no-dynamic-shapes compiles one graph per bucket (default: one "
                          "per shape group)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                    help="where aotllm and transformers run (llama.cpp peers stay on the CPU)")
+                    help="where aotllm and transformers run (--peers, llama.cpp, needs cpu)")
     ap.add_argument("--peers", default="", metavar="TYPES",
                     help="also run llama.cpp (llama-cpp-python) on GGUF conversions of the same "
                          "checkpoint, e.g. bf16,f32,q8_0, and print the target ratios")
