@@ -83,12 +83,13 @@ def _init_group(spec: WorkerSpec, rank: int):
     The step inputs never travel on the graphs' group. They are Python
     tensors: gloo's worker thread may free the last reference to one after
     the broadcast, which takes the GIL, and it does so holding its group's
-    queue lock (a stack dump caught it freeing a broadcast's tensor). An AOTInductor graph holds the GIL for its whole run, so
-    when that happened inside a graph, the graph could not enqueue its next
-    all-reduce and both ranks waited until the timeout (about half of the
-    10-token runs, torch 2.13). See CompiledExecutor for the same deadlock
-    through the graphs' own all-gather. On CUDA the graphs' group is nccl,
-    and the inputs are host tensors anyway."""
+    queue lock (a stack dump caught it freeing a broadcast's tensor). An
+    AOTInductor graph holds the GIL for its whole run, so when that happened
+    inside a graph, the graph could not enqueue its next all-reduce and both
+    ranks waited until the timeout (about half of the 10-token runs, torch
+    2.13). See CompiledExecutor for the same deadlock through the graphs'
+    own all-gather. On CUDA the graphs' group is nccl, and the inputs are
+    host tensors anyway."""
     import torch.distributed as dist
     # Every rank imports the functional collectives before its group exists:
     # a rank 0 that had imported them (the compiler does) and a worker that

@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         if mode == "transformers":
             vocab = json.loads((path / "config.json").read_text())["vocab_size"]
             for b in batches:
-                results.append(bench_transformers(path, getattr(torch, args.dtype),
-                                                  _prompts(vocab, b, args.prompt_len), args.new_tokens,
-                                                  device))
+                prompts = _prompts(vocab, b, args.prompt_len)
+                results.append(bench_transformers(path, getattr(torch, args.dtype), prompts,
+                                                  args.new_tokens, device))
                 print(results[-1], flush=True)
             continue
         from aotllm import LLM
