@@ -15,7 +15,9 @@ from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.graphs.manifest import BackendTraits
 from aotllm.models import float_kernels
-from aotllm.models.float_kernels import FP32_MIN_ROWS, GEMV_MAX_ROWS
+from aotllm.graphs.manifest import sha256_file
+from aotllm.models import compact_linear
+from aotllm.models.float_kernels import COMPACT_MAX_ROWS, FP32_MIN_ROWS
 from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS
 from aotllm.models.ops import TorchOps
 
@@ -63,6 +65,15 @@ class InductorBackend:
     def write_weights(self, model, out_dir: Path) -> tuple[str, dict[str, str]]:
         return write_safetensors(model, out_dir)
 
+    def support_files(self, out_dir: Path) -> tuple[tuple[str, str], ...]:
+        """Files the graphs need beside the weights, as (relative path, sha256):
+        on CPU the compact_linear kernel library their code calls. Built here,
+        in the parent process, before any compile worker forks."""
+        if self.device.type != "cpu":
+            return ()
+        rel = compact_linear.copy_library(out_dir)
+        return ((rel, sha256_file(out_dir / rel)),)
+
     def graph_groups(self, buckets: list[Bucket], model=None, quant: dict | None = None
                      ) -> list[tuple[Bucket, tuple[Bucket, ...]]]:
         """(the bucket a graph is named after, the buckets it serves): one each,
@@ -73,7 +84,7 @@ class InductorBackend:
         out = []
         scheme = (quant or {}).get("scheme")
         if model is None:
-            thresholds = (("<=", GEMV_MAX_ROWS), ("<=", INT8PACK_MAX_ROWS),
+            thresholds = (("<=", COMPACT_MAX_ROWS), ("<=", INT8PACK_MAX_ROWS),
                           (">=", FP32_MIN_ROWS))
         else:
             # Kernel thresholds, and any a module declares (the MoE path switch).
@@ -91,6 +102,8 @@ class InductorBackend:
                                     group if group is not None and len(group.buckets) > 1
                                     else None)
         configs = dict(_INDUCTOR_CONFIGS)
+        if self.device.type == "cpu":
+            configs.update(compact_linear.c_shim_configs())
         if model.tp.enabled:
             # Inductor inlines 1-D constants of <= 8 elements into the code;
             # a rank's own small tensors (its vocabulary offset) must stay

@@ -62,7 +62,8 @@ _GRAPH_SOURCES = ("models", "compiler", "graphs", "quantize")
 def source_hash() -> str:
     h = hashlib.sha256(aotllm.__version__.encode())
     for sub in _GRAPH_SOURCES:
-        for path in sorted((_PACKAGE_ROOT / sub).rglob("*.py")):
+        for path in sorted([*(_PACKAGE_ROOT / sub).rglob("*.py"),
+                            *(_PACKAGE_ROOT / sub).rglob("*.cpp")]):
             h.update(str(path.relative_to(_PACKAGE_ROOT)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -102,12 +103,13 @@ def _reusable(out: Path, common: dict) -> dict[str, GraphEntry]:
     return keep
 
 
-def _file_samples(out: Path, weights_files: list[str], entries: list[GraphEntry]) -> SampleTable:
+def _file_samples(out: Path, weights_files: list[str], entries: list[GraphEntry],
+                  other_files: list[str]) -> SampleTable:
     """Size and sampled digest of every file, for the cheap check at each load;
     the weights files' safetensors headers are hashed whole (they say where
     every tensor lies)."""
     files = {w: sample_file(out / w, safetensors_header_bytes(out / w)) for w in weights_files}
-    for rel in dict.fromkeys(e.file for e in entries):
+    for rel in dict.fromkeys([*(e.file for e in entries), *other_files]):
         files[rel] = sample_file(out / rel)
     return SampleTable(files)
 
@@ -237,6 +239,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
             by_bucket[b] = GraphEntry(b, rel, digest, seconds, keys[b])
         bar.update(1)
 
+    support = getattr(backend, "support_files", None)
+    kernel_files = support(out) if support is not None else ()
     workers = cfg.compile_workers if getattr(backend, "parallel_compile", False) else 1
     # A TP model's graphs are traced in forked workers with a fake process
     # group each (compiler/parallel.py says why).
@@ -246,6 +250,8 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
 
     shutil.rmtree(out / GRAPHS_DIR / ".partial", ignore_errors=True)
     wanted = {out / e.file for e in entries} | {out / weights_file}
+    if not kernel_files:  # one left by an earlier compile for another device
+        shutil.rmtree(out / "kernels", ignore_errors=True)
     for stale in (out / GRAPHS_DIR).iterdir():
         if stale not in wanted:
             stale.unlink()
@@ -265,7 +271,9 @@ def compile_artifact(cfg: CompileConfig) -> Manifest:
         graphs=tuple(entries),
         weights_file=weights_file,
         weights_sha256=sha256_file(out / weights_file),
-        file_samples=_file_samples(out, [weights_file, *rank_files], entries),
+        file_samples=_file_samples(out, [weights_file, *rank_files], entries,
+                                   [f for f, _ in kernel_files]),
+        kernel_libraries=tuple(kernel_files),
         tensor_parallel_size=tp_size,
         distributed_backend=DISTRIBUTED_BACKENDS[device_type] if tp_size > 1 else None,
         rank_weights=tuple((f, sha256_file(out / f)) for f in rank_files),

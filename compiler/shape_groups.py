@@ -30,7 +30,7 @@ from torch.export import Dim
 
 from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.models.float_kernels import FP32_MIN_ROWS, GEMV_MAX_ROWS, float_linear_kernel
+from aotllm.models.float_kernels import COMPACT_MAX_ROWS, FP32_MIN_ROWS, float_linear_kernel
 from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS, w8a16_kernel
 
 
@@ -54,10 +54,10 @@ def row_thresholds(dtype: torch.dtype, scheme: str | None,
     out = []
     if float_linear_kernel(FP32_MIN_ROWS, dtype, device, compiled=True) == "fp32_chunked":
         out.append((">=", FP32_MIN_ROWS))
-    if float_linear_kernel(GEMV_MAX_ROWS, dtype, device, compiled=True) == "gemv":
-        out.append(("<=", GEMV_MAX_ROWS))
+    if float_linear_kernel(COMPACT_MAX_ROWS, dtype, device, compiled=True) == "compact":
+        out.append(("<=", COMPACT_MAX_ROWS))
     if scheme == "w8a16" and w8a16_kernel(
-            GEMV_MAX_ROWS + 1, dtype, device, grouped=False, compiled=True) != w8a16_kernel(
+            COMPACT_MAX_ROWS + 1, dtype, device, grouped=False, compiled=True) != w8a16_kernel(
             INT8PACK_MAX_ROWS + 1, dtype, device, grouped=False, compiled=True):
         out.append(("<=", INT8PACK_MAX_ROWS))
     return tuple(out)

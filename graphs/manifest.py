@@ -39,10 +39,13 @@ from aotllm.graphs.kv_cache import KVCacheSpec
 # `distributed_backend`, `rank_weights`). A single-rank artifact is still
 # written as format 1, which every aotllm reads; a TP artifact is written as 2,
 # so a runtime from before TP refuses it instead of loading rank 0's weights
-# as if they were the whole model.
-FORMAT_VERSION = 2
+# as if they were the whole model. Format 3 adds `kernel_libraries`: native
+# code the graphs call, which a runtime from before it would not load (its
+# graphs would fail to resolve the kernel's symbol).
+FORMAT_VERSION = 3
 TP_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+KERNELS_FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 GRAPHS_DIR = "graphs"
 
@@ -182,15 +185,25 @@ class Manifest:
     tensor_parallel_size: int = 1
     distributed_backend: str | None = None
     rank_weights: tuple[tuple[str, str], ...] = ()
+    # Native libraries the graphs' code calls, as (file, sha256): the runtime
+    # loads them before the graphs (models/compact_linear.py).
+    kernel_libraries: tuple[tuple[str, str], ...] = ()
     # None: the lowest version that describes this manifest (see FORMAT_VERSION).
     format_version: int | None = None
 
     def __post_init__(self) -> None:
         if self.format_version is None:
-            object.__setattr__(self, "format_version",
-                               TP_FORMAT_VERSION if self.tensor_parallel_size > 1 else 1)
+            object.__setattr__(
+                self, "format_version",
+                KERNELS_FORMAT_VERSION if self.kernel_libraries
+                else TP_FORMAT_VERSION if self.tensor_parallel_size > 1 else 1)
         object.__setattr__(self, "graphs", tuple(self.graphs))
         object.__setattr__(self, "rank_weights", tuple(tuple(w) for w in self.rank_weights))
+        object.__setattr__(self, "kernel_libraries",
+                           tuple(tuple(k) for k in self.kernel_libraries))
+        for file, digest in self.kernel_libraries:
+            _check_relative(file, "kernel library")
+            _check_sha256(digest, f"sha256 of {file}")
         if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive int, got "
                              f"{self.tensor_parallel_size!r}")
@@ -221,7 +234,8 @@ class Manifest:
         # Buckets may share one graph file (GE dimension gears).
         return list(dict.fromkeys([(self.weights_file, self.weights_sha256),
                                    *self.rank_weights,
-                                   *((g.file, g.sha256) for g in self.graphs)]))
+                                   *((g.file, g.sha256) for g in self.graphs),
+                                   *self.kernel_libraries]))
 
     def weights_for_rank(self, rank: int) -> tuple[str, str]:
         """(weights file, sha256) of one tensor-parallel rank."""
@@ -258,6 +272,7 @@ class Manifest:
             "tensor_parallel_size": self.tensor_parallel_size,
             "distributed_backend": self.distributed_backend,
             "rank_weights": [{"file": f, "sha256": h} for f, h in self.rank_weights],
+            "kernel_libraries": [{"file": f, "sha256": h} for f, h in self.kernel_libraries],
             "graphs": [g.to_dict() for g in self.graphs],
             "model_config": self.model_config,
             "extra": self.extra,
@@ -270,6 +285,10 @@ class Manifest:
         version = d.get("format_version")
         if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
             raise ArtifactError(_version_message(version))
+        if version < KERNELS_FORMAT_VERSION and d.get("kernel_libraries"):
+            raise ArtifactError(f"the manifest says format version {version} but names "
+                                f"kernel libraries (format {KERNELS_FORMAT_VERSION}); "
+                                f"{_RECOMPILE}")
         if version < TP_FORMAT_VERSION and d.get("tensor_parallel_size", 1) != 1:
             raise ArtifactError(f"the manifest says format version {version} but holds a "
                                 f"tensor-parallel artifact (format {TP_FORMAT_VERSION}); "
@@ -301,6 +320,8 @@ class Manifest:
             distributed_backend=d.get("distributed_backend"),
             rank_weights=tuple((str(w["file"]), str(w["sha256"]))
                                for w in d.get("rank_weights", ())),
+            kernel_libraries=tuple((str(k["file"]), str(k["sha256"]))
+                                   for k in d.get("kernel_libraries", ())),
             format_version=version,
         )
 

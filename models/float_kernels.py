@@ -1,20 +1,15 @@
-"""How a BF16/FP16 linear runs on a CPU: one-row calls inside compiled graphs,
+"""How a BF16/FP16 linear runs on a CPU: few-row calls inside compiled graphs,
 and every call on a CPU without native BF16/FP16 matmuls.
 
-One row (decode at batch 1, the LM head of a one-sequence prefill) is a
-matrix-vector product, bound by reading the weight once. A oneDNN GEMM call
-per linear streams the small matrices of a decoder layer slowly; written as a
-reduction, `(x.float().unsqueeze(-2) * w.float()).sum(-1)`, Inductor emits a
-vectorised loop over the weight's rows that converts and accumulates in FP32
-as it streams them (measured on the 125M Llama's 49 linears, 2-core Xeon with
-AVX-512 BF16: 24.6 ms native, 15.5 ms as a reduction). Two conditions:
-- only in graphs the Inductor backend traces (`inductor_capture`): eagerly
-  the same expression materialises an [N, K] FP32 product, and ONNX
-  Runtime or GE would too;
-- its input is realised first (`realized`): otherwise Inductor inlines the
-  producer (the norm, the rotary embedding) into the reduction and recomputes
-  it for every output element (measured 35 ms instead of 25 for one graph,
-  and 25 times slower for a dynamic-shape one).
+Up to `COMPACT_MAX_ROWS` rows (every decode batch of the default plan, the
+LM head of a prefill) a linear is bound by reading its weight once. A
+oneDNN GEMM call per linear streams the small matrices of a decoder layer
+slowly (measured on the 125M Llama's 49 linears at one row, 2-core Xeon
+with AVX-512 BF16: 24.6 ms native, 15.5 ms as an Inductor reduction). In
+graphs the Inductor backend traces (`inductor_capture`) such a linear calls
+the compact kernel (compact_linear.py), which reads the weight in its
+stored width at close to memory speed, on every CPU; other traces (ONNX
+export, torchair, eager) keep the matmuls their runtimes have kernels for.
 
 Without AVX512_BF16/AMX (for fp16: AVX512_FP16/AMX_FP16) oneDNN's half-
 precision GEMM is compute bound at a fraction of FP32 speed, its time growing
@@ -33,10 +28,10 @@ ONEDNN_MAX_CPU_ISA=AVX2), microseconds:
     fp32, 512-row    384   831   461   592   855   2985
     fp32 weights     324   337   579   796   728   2511   (2x the memory)
 
-So one row stays compact (bandwidth bound: the compact read wins; in
-compiled graphs it is the GEMV above), and from 4 rows on the chunked FP32
-route is 1.7x (4 rows) to 7.5x (128) faster; at 2 rows the two are close,
-and it stays native.
+So eagerly one row stays native (bandwidth bound: the compact read wins),
+and from 4 rows on the chunked FP32 route is 1.7x (4 rows) to 7.5x (128)
+faster; at 2 rows the two are close, and it stays native. Compiled graphs
+take the compact kernel up to 8 rows and the chunked route past them.
 
 Like `int8_kernels`, the choice is made from static facts (rows, dtype,
 device, the CPU as `cpu_isa.detect` sees it at trace time), so each bucket
@@ -51,12 +46,12 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from aotllm.models import cpu_isa
+from aotllm.models import compact_linear, cpu_isa
 
 # From this many rows up a non-native half-precision linear computes in FP32.
 FP32_MIN_ROWS = 4
-# Up to this many rows a compiled half-precision linear is a reduction (GEMV).
-GEMV_MAX_ROWS = 1
+# Up to this many rows a compiled half-precision linear runs the compact kernel.
+COMPACT_MAX_ROWS = compact_linear.MAX_ROWS
 
 
 def chunk_rows(k: int) -> int:
@@ -96,42 +91,36 @@ def in_inductor_capture() -> bool:
 
 def float_linear_kernel(rows: int, dtype: torch.dtype, device: torch.device,
                         compiled: bool) -> str:
-    """"native" (F.linear in the model dtype), "fp32_chunked" or "gemv".
+    """"native" (F.linear in the model dtype), "fp32_chunked" or "compact".
     `compiled`: the call is being traced for Inductor (`in_inductor_capture`)."""
     # `rows` is compared last: in a dynamic-shape trace it is symbolic, and a
     # comparison whose answer does not matter would still add a guard.
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        if compiled and rows <= COMPACT_MAX_ROWS:
+            return "compact"
         if not cpu_isa.detect().native_for(dtype) and rows >= FP32_MIN_ROWS:
             return "fp32_chunked"
-        if compiled and rows <= GEMV_MAX_ROWS:
-            return "gemv"
     return "native"
 
 
 def realized(x: torch.Tensor) -> torch.Tensor:
     # An identity view that Inductor lowers by realising its input into a
-    # buffer (as_strided needs real storage), so the reduction reads x.
+    # buffer (as_strided needs real storage), so a reduction reads x once
+    # instead of recomputing its producer for every output element.
     return x.as_strided(x.shape, x.stride())
 
 
-def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ (weight * scale)^T + bias for one row, accumulated in FP32 and
-    rounded once to x's dtype, as a reduction Inductor fuses (see above).
-    `weight` may be int8 (then `scale` is its per-output-channel scale).
+def linear_compact(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ (weight * scale)^T + bias for a few rows, accumulated in FP32
+    and rounded once to x's dtype, by the C++ kernel compiled graphs call
+    (compact_linear.py). `weight` may be int8 (then `scale` is its
+    per-output-channel scale).
 
-    x is realised in FP32 (its producer writes the FP32 copy of its rounded
-    values): realised in x's dtype, Inductor converted it again for every
-    output row, inside the loop that streams the weight. Measured on the
-    ~125M Llama's batch-1 decode graph: 20.4 -> 13.1 ms per step restricted
-    to AVX2, 10.6-11.7 -> 9.8-10.2 ms (bf16) and 9.9-11.3 -> 8.8-9.0 ms
-    (w8a16) with AVX-512."""
-    out = (realized(x.float()).unsqueeze(-2) * weight.float()).sum(-1)
-    if scale is not None:
-        out = out * scale.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    Before it, one row was written as a reduction Inductor fused,
+    `(x.float().unsqueeze(-2) * w.float()).sum(-1)`: one accumulator per
+    row, no prefetch, 10 GB/s of int8 weights where the kernel reads 24-25."""
+    return torch.ops.aotllm.compact_linear(x, weight, scale, bias)
 
 
 def linear_fp32_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -40,11 +40,12 @@ def w8a16_kernel(rows: int, dtype: torch.dtype, device: torch.device, grouped: b
     """The kernel a w8a16 linear of `rows` rows uses; recorded in the manifest.
     `compiled`: the call is being traced for Inductor (`in_inductor_capture`)."""
     if (not grouped and float_kernels.float_linear_kernel(rows, dtype, device, compiled)
-            == "gemv"):
-        # The one-row reduction reads int8 weights as it reads bf16 ones
-        # (float_kernels.py): the 125M Llama's 49 linears in int8 took 8.5 ms
-        # this way against 14.8 ms through _weight_int8pack_mm.
-        return "gemv"
+            == "compact"):
+        # The compact kernel reads int8 weights as it reads bf16 ones
+        # (compact_linear.py): at one row 2.5x the bandwidth of Inductor's
+        # reduction, itself faster than _weight_int8pack_mm (8.5 against
+        # 14.8 ms for the 125M Llama's 49 linears); at 8 rows on par with it.
+        return "compact"
     if (device.type == "cpu" and not grouped and dtype == torch.bfloat16
             and rows <= INT8PACK_MAX_ROWS):
         # fp32 activations make this kernel 10-30x slower (CPU-KERNELS.md).
@@ -73,8 +74,8 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     grouped = scale.dim() == 2
     kernel = w8a16_kernel(_rows(x), x.dtype, x.device, grouped,
                           float_kernels.in_inductor_capture())
-    if kernel == "gemv":
-        return float_kernels.linear_gemv(x, qweight, bias, scale)
+    if kernel == "compact":
+        return float_kernels.linear_compact(x, qweight, bias, scale)
     if kernel == "weight_int8pack_mm":
         out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), qweight, scale.to(x.dtype))
         out = out.view(*x.shape[:-1], qweight.shape[0])

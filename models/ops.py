@@ -191,14 +191,14 @@ class TorchOps:
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # bf16/fp16 on CPU (float_kernels.py), decided at trace time: one row
-        # in a compiled graph is a reduction; prefill-sized calls on a CPU
+        # in a compiled graph runs the compact kernel; prefill-sized calls on a CPU
         # without native half-precision matmuls compute in fp32.
         kernel = float_kernels.float_linear_kernel(_rows(x), x.dtype, x.device,
                                                    float_kernels.in_inductor_capture())
         if kernel == "fp32_chunked":
             return float_kernels.linear_fp32_chunked(x, weight, bias)
-        if kernel == "gemv":
-            return float_kernels.linear_gemv(x, weight, bias)
+        if kernel == "compact":
+            return float_kernels.linear_compact(x, weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod

@@ -17,7 +17,14 @@ from tqdm import tqdm
 
 from aotllm.graphs.buckets import Bucket, BucketPlan, group_rows
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.graphs.manifest import Manifest, check_files, check_runtime_compat, check_world_size
+from aotllm.graphs.manifest import (
+    ArtifactError,
+    Manifest,
+    check_files,
+    check_runtime_compat,
+    check_world_size,
+)
+from aotllm.models import compact_linear
 from aotllm.quantize.config import SCHEMES
 from aotllm.runtime.graph_loaders import LOADERS, GraphFn, get_loader
 from aotllm.runtime.model_runner import StepShape
@@ -71,6 +78,13 @@ def load_artifact(path: str | Path, device: torch.device) -> LoadedArtifact:
         path, dataclasses.replace(manifest, weights_file=weights_file,
                                   weights_sha256=weights_sha256), device)
     constants = dict(weights)
+    for library, _ in manifest.kernel_libraries:  # before the graphs that call into them
+        try:
+            compact_linear.load_library(path / library)
+        except OSError as e:
+            raise ArtifactError(f"cannot load the kernel library {path / library} ({e}); it "
+                                "was built for another machine or torch: recompile the "
+                                "artifact with `aotllm compile` here") from None
     for alias, canonical in manifest.extra.get("weight_aliases", {}).items():
         constants[alias] = weights[canonical]
     graphs: dict[Bucket, GraphFn] = {}

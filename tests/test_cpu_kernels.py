@@ -62,17 +62,21 @@ def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
     w8a16 = functools.partial(int8_kernels.w8a16_kernel, compiled=True)
     assert choice(16, bf16, cpu) == "fp32_chunked"  # prefill-sized
     assert choice(16, torch.float16, cpu) == "fp32_chunked"
-    assert choice(4, bf16, cpu) == "fp32_chunked"  # a decode batch of 4
-    assert choice(2, bf16, cpu) == "native"
-    assert choice(1, bf16, cpu) == "gemv"  # one row: bandwidth bound, compact wins
-    assert eager(1, bf16, cpu) == "native"  # eagerly a reduction materialises [N, K]
+    assert choice(9, bf16, cpu) == "fp32_chunked"
+    assert choice(8, bf16, cpu) == "compact"  # decode batches: bandwidth bound
+    assert choice(4, bf16, cpu) == "compact"
+    assert choice(1, bf16, cpu) == "compact"
+    assert eager(4, bf16, cpu) == "fp32_chunked"  # the kernel is for compiled graphs
+    assert eager(2, bf16, cpu) == "native"
+    assert eager(1, bf16, cpu) == "native"
     assert choice(1, torch.float32, cpu) == "native"
     assert choice(128, torch.float32, cpu) == "native"
     assert choice(128, bf16, torch.device("meta")) == "native"  # not a CPU graph
     assert choice(1, bf16, torch.device("cuda")) == "native"
     assert w8a16(128, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
-    assert w8a16(8, bf16, cpu, grouped=False) == "weight_int8pack_mm"
-    assert w8a16(1, bf16, cpu, grouped=False) == "gemv"
+    assert w8a16(16, bf16, cpu, grouped=False) == "weight_int8pack_mm"
+    assert w8a16(8, bf16, cpu, grouped=False) == "compact"
+    assert w8a16(1, bf16, cpu, grouped=False) == "compact"
     assert w8a16(1, bf16, cpu, grouped=True) == "dequant_matmul"  # grouped scales
     assert int8_kernels.w8a16_kernel(1, bf16, cpu, grouped=False, compiled=False) == (
         "weight_int8pack_mm")
@@ -80,7 +84,7 @@ def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
     assert w8a16(128, bf16, cpu, grouped=True) == "dequant_matmul"
     monkeypatch.setattr(cpu_isa, "detect", lambda: ALL_NATIVE)
     assert choice(128, bf16, cpu) == "native"
-    assert choice(1, bf16, cpu) == "gemv"
+    assert choice(1, bf16, cpu) == "compact"
     assert w8a16(128, bf16, cpu, grouped=False) == "dequant_matmul"
 
 
@@ -157,7 +161,7 @@ def test_avx2_artifact_without_native_bf16(tiny_models, tmp_path, caplog, one_th
     assert cpu["isa"]["native_bf16"] is False and cpu["inductor_vec_isa"] == "avx2"
     assert cpu["linear_kernels"] == {
         "prefill_b1_t16_c4": "fp32_chunked", "prefill_b1_t32_c4": "fp32_chunked",
-        "decode_b1_t1_c4": "gemv"}
+        "decode_b1_t1_c4": "compact"}
 
     # The "aotllm" logger does not propagate (logger.py): listen on it directly.
     log = logging.getLogger("aotllm.runtime.cpu_check")
@@ -188,26 +192,6 @@ def test_artifact_for_missing_isa_is_refused(artifacts, monkeypatch):
     monkeypatch.setattr(cpu_check, "_HAS", {name: (lambda: False) for name in cpu_check._HAS})
     with pytest.raises(ArtifactError, match="compiled for .* recompile it on this machine"):
         LLM(str(artifact))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_is_an_fp32_dot_product_rounded_once(dtype):
-    """The one-row reduction (what compiled graphs run at one row) computes
-    the FP32 product of the stored values, like a native GEMM, float and int8
-    weights alike."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 1, 96, generator=g).to(dtype)
-    w = (torch.randn(300, 96, generator=g) * 0.05).to(dtype)
-    bias = torch.randn(300, generator=g).to(dtype)
-    want = (F.linear(x.float(), w.float(), bias.float())).to(dtype)
-    got = float_kernels.linear_gemv(x, w, bias)
-    assert got.shape == (1, 1, 300) and got.dtype == dtype
-    assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
-    q = torch.randint(-127, 128, (300, 96), generator=g, dtype=torch.int8)
-    scale = torch.rand(300, generator=g) * 0.01
-    want = (F.linear(x.float(), q.float()) * scale).to(dtype)
-    assert torch.allclose(float_kernels.linear_gemv(x, q, None, scale).float(), want.float(),
-                          rtol=2 ** -7, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -246,9 +230,10 @@ def test_decode_attention_as_reductions_equals_the_matmul_route(dtype, monkeypat
 @pytest.mark.parametrize("scheme", [None, "w8a16"])
 def test_inductor_backend_traces_batch_one_decode_without_matmuls(llama_dir, scheme,
                                                                   monkeypatch, tmp_path):
-    """The Inductor backend's capture takes the reduction forms: a bf16 decode
-    graph at batch 1 has no matmul left for Inductor to hand to a library
-    (linears are GEMVs, attention is two reductions)."""
+    """The Inductor backend's capture takes the compact kernel and reduction
+    forms: a bf16 decode graph at batch 1 has no matmul left for Inductor to
+    hand to a library (linears call compact_linear, attention is two
+    reductions); past the kernel's 8 rows the linears are library GEMMs."""
     from types import SimpleNamespace
 
     from aotllm.compiler.inductor import InductorBackend
@@ -268,11 +253,13 @@ def test_inductor_backend_traces_batch_one_decode_without_matmuls(llama_dir, sch
     programs = []
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
                         lambda program, **kw: programs.append(program))
-    for batch in (1, 4):
+    for batch in (1, 16):
         backend.compile_bucket(model, Bucket("decode", batch, 1, 4), spec, tmp_path / "g.pt2")
     targets = [{str(n.target) for n in p.graph.nodes if n.op == "call_function"}
                for p in programs]
     library = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default",
                "aten.linear.default", "aten._weight_int8pack_mm.default"}
     assert not targets[0] & library, targets[0] & library
-    assert targets[1] & library  # batch 4 keeps the library kernels
+    assert "aotllm.compact_linear.default" in targets[0]
+    assert targets[1] & library  # batch 16 keeps the library kernels
+    assert "aotllm.compact_linear.default" not in targets[1]

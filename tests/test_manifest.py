@@ -167,12 +167,34 @@ def test_tp_fields_need_format_2(artifact: tuple[Path, Manifest]) -> None:
     assert Manifest.read(directory).tensor_parallel_size == 2
 
 
+def test_kernel_libraries_need_format_3(artifact: tuple[Path, Manifest]) -> None:
+    """Graphs that call a native kernel library are written as format 3, so a
+    runtime that would not load the library refuses them; the library is one
+    of the artifact's checked files."""
+    directory, manifest = artifact
+    sha = "1" * 64
+    with_kernels = dataclasses.replace(
+        manifest, kernel_libraries=(("kernels/libk.so", sha),), file_samples=None,
+        format_version=None)
+    assert with_kernels.format_version == 3
+    assert ("kernels/libk.so", sha) in with_kernels.files()
+    again = Manifest.from_dict(with_kernels.to_dict())
+    assert again.kernel_libraries == (("kernels/libk.so", sha),)
+    _edit_json(directory, kernel_libraries=[{"file": "kernels/libk.so", "sha256": sha}])
+    with pytest.raises(ArtifactError, match="format version 1 but names kernel libraries"):
+        Manifest.read(directory)
+    _edit_json(directory, kernel_libraries=[{"file": "/abs/libk.so", "sha256": sha}],
+               format_version=3, file_samples=None)
+    with pytest.raises(ArtifactError, match="kernel library"):
+        Manifest.read(directory)
+
+
 @pytest.mark.parametrize(
     ("version", "match"),
     [
-        (FORMAT_VERSION + 1, r"format version 3 but this aotllm reads format versions 1, 2.*"
-                             r"upgrade"),
-        (0, r"format version 0 but this aotllm reads format versions 1, 2.*recompile"),
+        (FORMAT_VERSION + 1, r"format version 4 but this aotllm reads format versions 1, 2, "
+                             r"3.*upgrade"),
+        (0, r"format version 0 but this aotllm reads format versions 1, 2, 3.*recompile"),
         ("1", r"format version '1'"),
         (None, r"no format_version"),
     ],
