@@ -47,8 +47,8 @@ SOURCE = Path(__file__).parent / "csrc" / "compact_linear.cpp"
 LIBRARY_NAME = "libaotllm_compact_linear.so"
 # Rows up to which a compiled CPU linear uses this kernel: every decode batch
 # of the default plan. Measured on the 12 layers' linears of the ~125M Llama
-# (2-core Xeon, AOTInductor graphs, ms): 8 rows bf16 18.0 against oneDNN's
-# native AMX 18.3, and 18.3 against 27.4 for the FP32-chunked route
+# (2-core Xeon, AOTInductor graphs, ms): 8 rows bf16 16.0 against oneDNN's
+# native AMX 18.3, and 16.2 against 27.4 for the FP32-chunked route
 # restricted to AVX2; 4 rows bf16 11.4 against native 17.4. Past 8 rows the
 # weights are read again for the next 8, and GEMMs catch up.
 MAX_ROWS = 8
