@@ -13,10 +13,8 @@ from aotllm.compiler.weights import write_safetensors
 from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.devices import supported_device_type
 from aotllm.graphs.kv_cache import KVCacheSpec
-from aotllm.graphs.manifest import BackendTraits
-from aotllm.models import float_kernels
-from aotllm.graphs.manifest import sha256_file
-from aotllm.models import compact_linear
+from aotllm.graphs.manifest import BackendTraits, sha256_file
+from aotllm.models import compact_linear, float_kernels
 from aotllm.models.float_kernels import COMPACT_MAX_ROWS, FP32_MIN_ROWS
 from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS
 from aotllm.models.ops import TorchOps

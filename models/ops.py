@@ -190,9 +190,9 @@ class TorchOps:
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # bf16/fp16 on CPU (float_kernels.py), decided at trace time: one row
-        # in a compiled graph runs the compact kernel; prefill-sized calls on a CPU
-        # without native half-precision matmuls compute in fp32.
+        # bf16/fp16 on CPU (float_kernels.py), decided at trace time: up to 8
+        # rows in a compiled graph run the compact kernel; prefill-sized calls
+        # on a CPU without native half-precision matmuls compute in fp32.
         kernel = float_kernels.float_linear_kernel(_rows(x), x.dtype, x.device,
                                                    float_kernels.in_inductor_capture())
         if kernel == "fp32_chunked":

@@ -95,6 +95,25 @@ def test_corrupted_weights_are_refused_by_the_cheap_check(artifact):
     assert "weights.safetensors is corrupted" in msg and "aotllm verify" in msg
 
 
+def test_corrupted_kernel_library_is_refused(artifact):
+    (library, _), = Manifest.read(artifact).kernel_libraries
+    _flip_sampled_byte(artifact, library)
+    msg = _refusal(artifact)
+    assert "corrupted" in msg and Path(library).name in msg and "aotllm verify" in msg
+
+
+def test_kernel_library_that_does_not_load_asks_to_recompile(artifact, monkeypatch):
+    from aotllm.models import compact_linear
+
+    def fail(path):
+        raise OSError(f"{path}: wrong ELF class")
+
+    monkeypatch.setattr(compact_linear, "load_library", fail)
+    msg = _refusal(artifact)
+    assert "cannot load the kernel library" in msg and "wrong ELF class" in msg
+    assert "aotllm compile" in msg
+
+
 def test_truncated_weights_are_refused(artifact):
     path = artifact / "weights.safetensors"
     with open(path, "r+b") as f:
