@@ -32,6 +32,7 @@ enum WType { kInt8 = 0, kBf16 = 1, kF16 = 2 };
 enum DType { kF32 = 0, kDBf16 = 1, kDF16 = 2 };
 
 constexpr int64_t kPrefetchBytes = 16384;
+constexpr int64_t kMaxDims = 8;  // of x; the graphs pass 2-D or 3-D
 // Below this many weight bytes a call runs on one thread: a parallel region
 // costs more than it saves.
 constexpr int64_t kParallelMinBytes = 65536;
@@ -351,7 +352,8 @@ AOTITorchError aoti_torch_cpu_compact_linear(AtenTensorHandle x, AtenTensorHandl
       aoti_torch_get_dtype(x, &x_dtype) || aoti_torch_get_dtype(weight, &w_dtype))
     return AOTI_TORCH_FAILURE;
   int x_code = 0;
-  if (x_dim < 1 || w_dim != 2 || !dtype_code(x_dtype, &x_code)) return AOTI_TORCH_FAILURE;
+  if (x_dim < 1 || x_dim > kMaxDims || w_dim != 2 || !dtype_code(x_dtype, &x_code))
+    return AOTI_TORCH_FAILURE;
   const int64_t K = x_sizes[x_dim - 1], N = w_sizes[0];
   if (w_sizes[1] != K || w_strides[1] != 1 || w_strides[0] != K) return AOTI_TORCH_FAILURE;
   int w_code;
@@ -393,7 +395,8 @@ AOTITorchError aoti_torch_cpu_compact_linear(AtenTensorHandle x, AtenTensorHandl
     else { c.bias = p; c.bias_dtype = code; }
   }
 
-  std::vector<int64_t> sizes(x_sizes, x_sizes + x_dim), strides(x_dim);
+  int64_t sizes[kMaxDims], strides[kMaxDims];
+  std::memcpy(sizes, x_sizes, x_dim * sizeof(int64_t));
   sizes[x_dim - 1] = N;
   int64_t stride = 1;
   for (int64_t d = x_dim - 1; d >= 0; --d) {
@@ -401,7 +404,7 @@ AOTITorchError aoti_torch_cpu_compact_linear(AtenTensorHandle x, AtenTensorHandl
     stride *= sizes[d];
   }
   AtenTensorHandle out = nullptr;
-  if (aoti_torch_empty_strided(x_dim, sizes.data(), strides.data(), x_dtype,
+  if (aoti_torch_empty_strided(x_dim, sizes, strides, x_dtype,
                                aoti_torch_device_type_cpu(), 0, &out))
     return AOTI_TORCH_FAILURE;
   aoti_torch_get_data_ptr(out, &c.y);
