@@ -52,7 +52,10 @@ def row_thresholds(dtype: torch.dtype, scheme: str | None,
     """The row counts at which this model's linears change kernel: (">=", n)
     or ("<=", n) tests that every bucket of a group must answer alike."""
     out = []
-    if float_linear_kernel(FP32_MIN_ROWS, dtype, device, compiled=True) == "fp32_chunked":
+    # The compact kernel's "<=" test below already separates the chunked FP32
+    # route where that route starts past the kernel's rows.
+    if FP32_MIN_ROWS > COMPACT_MAX_ROWS and float_linear_kernel(
+            FP32_MIN_ROWS, dtype, device, compiled=True) == "fp32_chunked":
         out.append((">=", FP32_MIN_ROWS))
     if float_linear_kernel(COMPACT_MAX_ROWS, dtype, device, compiled=True) == "compact":
         out.append(("<=", COMPACT_MAX_ROWS))

@@ -105,9 +105,9 @@ inline void store(const Call& c, int64_t m, int64_t n, float acc) {
 
 // ---------------------------------------------------------------- plain C++
 template <int W>
-void rows_scalar(const Call& c, int64_t m0, int64_t mm, int64_t n) {
+void row_scalar(const Call& c, int64_t n) {
   const char* row = c.w + n * c.K * weight_bytes<W>();
-  for (int64_t m = m0; m < m0 + mm; ++m) {
+  for (int64_t m = 0; m < c.M; ++m) {
     float acc = 0.f;
     for (int64_t k = 0; k < c.K; ++k) acc += c.x[m * c.K + k] * weight_scalar<W>(row, k);
     store(c, m, n, acc);
@@ -280,7 +280,7 @@ template <int W>
 void run_scalar(const Call& c) {
   const bool parallel = c.N * c.K * weight_bytes<W>() >= kParallelMinBytes;
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t n = 0; n < c.N; ++n) rows_scalar<W>(c, 0, c.M, n);
+  for (int64_t n = 0; n < c.N; ++n) row_scalar<W>(c, n);
 }
 
 template <int W>
