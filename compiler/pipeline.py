@@ -82,7 +82,8 @@ def _kernels(quant: dict, buckets: list[Bucket], dtype: torch.dtype, device: tor
     dtype, device). A quantized LM head sees only the B last tokens, so at
     prefill it may take the small-M kernel where the body does not."""
     if quant["scheme"] != "w8a16":
-        return {b.name: w8a8_kernel(device) for b in buckets}
+        return {b.name: w8a8_kernel(b.batch * b.tokens, device, compiled=inductor)
+                for b in buckets}
     grouped = quant["group_size"] is not None
     return {b.name: w8a16_kernel(b.batch * b.tokens, dtype, device, grouped, compiled=inductor)
             for b in buckets}

@@ -31,7 +31,7 @@ from torch.export import Dim
 from aotllm.graphs.buckets import Bucket
 from aotllm.graphs.kv_cache import KVCacheSpec
 from aotllm.models.float_kernels import COMPACT_MAX_ROWS, FP32_MIN_ROWS, float_linear_kernel
-from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS, w8a16_kernel
+from aotllm.models.int8_kernels import INT8PACK_MAX_ROWS, w8a8_kernel, w8a16_kernel
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ def row_thresholds(dtype: torch.dtype, scheme: str | None,
             COMPACT_MAX_ROWS + 1, dtype, device, grouped=False, compiled=True) != w8a16_kernel(
             INT8PACK_MAX_ROWS + 1, dtype, device, grouped=False, compiled=True):
         out.append(("<=", INT8PACK_MAX_ROWS))
+    if (scheme in ("w8a8", "w8a8_static") and ("<=", COMPACT_MAX_ROWS) not in out
+            and w8a8_kernel(COMPACT_MAX_ROWS, device, compiled=True) == "compact"):
+        out.append(("<=", COMPACT_MAX_ROWS))
     return tuple(out)
 
 

@@ -54,9 +54,15 @@ FP32_MIN_ROWS = 4
 COMPACT_MAX_ROWS = compact_linear.MAX_ROWS
 
 
-def chunk_rows(k: int) -> int:
-    """Output rows cast per chunk: a power of two whose FP32 copy takes at
-    most half the L2, leaving room for the GEMM's input and output rows.
+# At most this many chunks per linear: each chunk is a cast and a GEMM call
+# in the graph, and the C++ compiler's time grows faster than the graph.
+MAX_CHUNKS = 8
+
+
+def chunk_rows(k: int, n: int) -> int:
+    """Output rows cast per chunk of an [n, k] weight: a power of two whose
+    FP32 copy takes at most half the L2, leaving room for the GEMM's input
+    and output rows, unless that makes more than MAX_CHUNKS chunks.
 
     Measured on the ~125M Llama's decode batch-8 graph restricted to AVX2
     (2 MiB L2; step medians of alternated runs): 512 rows for every K (1.5 MiB
@@ -64,9 +70,14 @@ def chunk_rows(k: int) -> int:
     40-42 ms; 128 rows 27.5-28.3 ms; 256 rows 24.6-28.0 ms; 256 rows at K=768
     with 64 at K=2048 24.2-25.6 ms, with 128 at K=2048 (this rule) 25.3-25.5 ms.
     More chunks mean more GEMM calls in the graph, and compile time grows with
-    them: this rule's 128 rows at K=2048 keep half the calls of 64."""
+    them: on a 512 KiB-L2 AMD Zen 1 the L2 share alone gave 32-64 rows, ~90
+    GEMM calls a layer, and SmolLM2's prefill graph took 15 minutes to
+    compile; the cap keeps a layer of it at 24 calls."""
     target = max(32, cpu_isa.l2_cache_bytes() // 2 // (4 * k))
-    return 1 << (target.bit_length() - 1)
+    rows = 1 << (target.bit_length() - 1)
+    while -(-n // rows) > MAX_CHUNKS:
+        rows *= 2
+    return rows
 
 
 _inductor_capture = False
@@ -132,7 +143,7 @@ def linear_fp32_chunked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     the arithmetic a native half-precision GEMM does (FP32 accumulation).
     """
     x32 = x.float()
-    rows = chunk_rows(weight.shape[1])
+    rows = chunk_rows(weight.shape[1], weight.shape[0])
     out = torch.cat([F.linear(x32, w.float()) for w in weight.split(rows)], dim=-1)
     if scale is not None:
         out = out * scale.float()

@@ -18,8 +18,9 @@ weights [4096, 768], AOTInductor graphs, microseconds):
 
 So w8a16 uses `_weight_int8pack_mm` for decode-sized M and dequantize-then-
 matmul (bf16 GEMM over int8 weights cast in the graph) for prefill; w8a8
-always uses `_int_mm`. `../shared/CPU-KERNELS.md` has the AVX2-only picture:
-the same crossover, so one rule serves both.
+uses `_int_mm` where the CPU has VNNI or AMX (`w8a8_kernel` for the rest).
+`../shared/CPU-KERNELS.md` has the AVX2-only picture: the same w8a16
+crossover, so one rule serves both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aotllm.models import float_kernels
+from aotllm.models import cpu_isa, float_kernels
 
 # Above this many rows `_weight_int8pack_mm` loses to dequantize-then-matmul
 # (measured crossover between M=8 and M=32 on AVX-512 and AVX2 machines).
@@ -58,11 +59,29 @@ def w8a16_kernel(rows: int, dtype: torch.dtype, device: torch.device, grouped: b
     return "dequant_matmul"
 
 
-def w8a8_kernel(device: torch.device) -> str:
-    # torch's CUDA _int_mm needs M > 16 and multiples of 8: a bucket of one
-    # decode row fails there, so CUDA takes the float route (same arithmetic
-    # on integer-valued operands).
-    return "int_mm" if device.type == "cpu" else "dequant_matmul"
+def w8a8_kernel(rows: int, device: torch.device, compiled: bool) -> str:
+    """The kernel that multiplies a w8a8 linear's int8 activations by its int8
+    weights. Every route but `int_mm` computes in fp32 over the integer
+    values: exact while a sum stays within 2^24 (127 * 127 * K, so any K up
+    to 1040, and larger K unless the products pile up to one sign)."""
+    if device.type != "cpu":
+        # torch's CUDA _int_mm needs M > 16 and multiples of 8: a bucket of one
+        # decode row fails there, so CUDA takes the float route.
+        return "dequant_matmul"
+    int8_dot = cpu_isa.detect().int8_dot
+    # `rows` is compared last (see float_kernels.float_linear_kernel).
+    if compiled and (not int8_dot or rows == 1) and rows <= float_kernels.COMPACT_MAX_ROWS:
+        # The weight read is the cost: one row through the compact kernel
+        # (w8a16 through it decoded the 125M Llama at 1.7x the tokens/s of
+        # w8a8 through `_int_mm`, batch 1, 2-core Xeon with VNNI), and every
+        # decode batch where `_int_mm` has no VNNI (on AMD Zen 1 it decoded
+        # SmolLM2 at 15 tokens/s, batch 1).
+        return "compact"
+    if not int8_dot:
+        # `_int_mm` has no fast path without VNNI/AMX (CPU-KERNELS.md): the
+        # integer values through fp32 GEMMs, the weight cast in chunks.
+        return "fp32_chunked"
+    return "int_mm"
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -101,9 +120,14 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _int8_matmul(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
-    """a[M,K] int8 @ qweight[N,K]^T as exact int32 (CPU) or its float value."""
-    if w8a8_kernel(a.device) == "int_mm":
+    """a[M,K] int8 @ qweight[N,K]^T as exact int32 (`_int_mm`) or its fp32 value."""
+    kernel = w8a8_kernel(a.shape[0], a.device, float_kernels.in_inductor_capture())
+    if kernel == "int_mm":
         return torch._int_mm(a, qweight.t())
+    if kernel == "compact":
+        return float_kernels.linear_compact(a.float(), qweight, None)
+    if kernel == "fp32_chunked":
+        return float_kernels.linear_fp32_chunked(a.float(), qweight, None)
     return F.linear(a.float(), qweight.float())
 
 

@@ -65,16 +65,20 @@ def checkpoint(name: str, cache: Path) -> Path:
 
 
 def weight_bytes_read(artifact: Path) -> int:
-    """Bytes of weights one decode step reads: every tensor but an untied input
-    embedding (a lookup reads one row per token)."""
+    """Bytes of weights one decode step reads: every tensor but an input
+    embedding that the LM head does not share (a lookup reads one row per
+    token). A tied embedding is the head unless the head was quantized into
+    its own `lm_head` tensors."""
     from safetensors import safe_open
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     tied = manifest["model_config"].get("tie_word_embeddings", False)
     total = 0
     with safe_open(str(artifact / "weights.safetensors"), "pt") as f:
-        for name in f.keys():
-            if name == "model.embed_tokens.weight" and not tied:
+        names = list(f.keys())
+        head_apart = not tied or any(n.startswith("lm_head.") for n in names)
+        for name in names:
+            if name == "model.embed_tokens.weight" and head_apart:
                 continue
             t = f.get_slice(name)
             total += torch.Size(t.get_shape()).numel() * _itemsize(t.get_dtype())

@@ -82,17 +82,29 @@ def test_kernel_choice_follows_rows_dtype_and_cpu(monkeypatch):
         "weight_int8pack_mm")
     assert w8a16(17, bf16, cpu, grouped=False) == "dequant_matmul_fp32"
     assert w8a16(128, bf16, cpu, grouped=True) == "dequant_matmul"
+    w8a8 = int8_kernels.w8a8_kernel
+    # No VNNI: _int_mm is slow, the integer values go through fp32 kernels.
+    assert [w8a8(r, cpu, compiled=True) for r in (1, 8, 9)] == ["compact", "compact",
+                                                               "fp32_chunked"]
+    assert w8a8(1, cpu, compiled=False) == "fp32_chunked"
     monkeypatch.setattr(cpu_isa, "detect", lambda: ALL_NATIVE)
     assert choice(128, bf16, cpu) == "native"
     assert choice(1, bf16, cpu) == "compact"
     assert w8a16(128, bf16, cpu, grouped=False) == "dequant_matmul"
+    assert [w8a8(r, cpu, compiled=True) for r in (1, 2, 128)] == ["compact", "int_mm", "int_mm"]
+    assert w8a8(1, cpu, compiled=False) == "int_mm"
+    assert w8a8(1, torch.device("cuda"), compiled=True) == "dequant_matmul"
 
 
 def test_chunk_rows_fit_a_share_of_the_l2(monkeypatch):
     monkeypatch.setattr(cpu_isa, "l2_cache_bytes", lambda: 2 << 20)  # Sapphire Rapids
-    assert [float_kernels.chunk_rows(k) for k in (768, 2048, 576)] == [256, 128, 256]
+    assert [float_kernels.chunk_rows(k, 2048) for k in (768, 2048, 576)] == [256, 256, 256]
     monkeypatch.setattr(cpu_isa, "l2_cache_bytes", lambda: 512 << 10)  # Zen 3
-    assert [float_kernels.chunk_rows(k) for k in (96, 768, 1 << 20)] == [512, 64, 32]
+    assert [float_kernels.chunk_rows(k, 100) for k in (96, 768, 1 << 20)] == [512, 64, 32]
+    # Never more than MAX_CHUNKS chunks: SmolLM2's gate/up and q/k/v on a 512 KiB L2.
+    assert float_kernels.chunk_rows(576, 3072) == 512
+    assert float_kernels.chunk_rows(576, 960) == 128
+    assert float_kernels.MAX_CHUNKS == 8
     assert cpu_isa.l2_cache_bytes() > 0
 
 
@@ -124,7 +136,7 @@ from aotllm.compiler.config import CompileConfig
 from aotllm.compiler.pipeline import compile_artifact
 from aotllm.graphs.manifest import Manifest
 from aotllm.models import float_kernels
-float_kernels.chunk_rows = lambda k: 48  # several chunks even in the tiny model
+float_kernels.chunk_rows = lambda k, n: 48  # several chunks even in the tiny model
 model, out = sys.argv[1], sys.argv[2]
 compile_artifact(CompileConfig(model=model, output=out, dtype="bfloat16", max_model_len=64,
                                max_num_seqs=1, block_size=16, prefill_buckets=(16, 32),

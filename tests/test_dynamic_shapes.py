@@ -88,7 +88,7 @@ def _bucket_inputs(bucket, kv_caches) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype, scheme, isa", [
     ("bfloat16", None, "native"), ("bfloat16", None, "avx2"), ("bfloat16", "w8a16", "native"),
-    ("bfloat16", "w8a16", "avx2"), ("float32", "w8a8", "native")])
+    ("bfloat16", "w8a16", "avx2"), ("float32", "w8a8", "native"), ("float32", "w8a8", "avx2")])
 def test_every_group_exports_without_a_guard(llama_dir, tiny_models, monkeypatch, dtype,
                                               scheme, isa, one_thread):
     """Each shape group traces with its dimensions dynamic over its whole range:

@@ -162,17 +162,6 @@ AOTLLM_AVX512 void block_avx512(const Call& c, int64_t m0, int64_t n0) {
 // ---------------------------------------------------------------- AVX2
 #define AOTLLM_AVX2 __attribute__((target("avx2,f16c,fma")))
 
-template <int W>
-AOTLLM_AVX2 inline __m256 widen8(const char* p) {
-  if constexpr (W == kInt8)
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-  else if constexpr (W == kBf16)
-    return _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-  else
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
-}
-
 AOTLLM_AVX2 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -180,28 +169,83 @@ AOTLLM_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Elements of x one AVX2 k step consumes: 32 int8 weights are widened from
+// one 32-byte load by unpacking (widen_avx2); bf16 and fp16 8 at a time, in
+// x's own order.
+template <int W>
+constexpr int64_t avx2_step() { return W == kInt8 ? 32 : 8; }
+
+// Vector j (of avx2_step / 8) of the step's weights at p, widened to fp32.
+// int8 is unpacked within each 128-bit lane, so vector j holds elements
+// 4j..4j+3 of the step's first 16 and the same of its second 16 (the caller
+// orders x the same way, permute_x_avx2), and each value lands in the top
+// byte of its lane, as v * 2^24: exact in fp32, and the block scales its
+// sums back by 2^-24 (the only change: a row's sums overflow fp32 2^24 times
+// sooner, past |x| sums of ~1e29). On AMD Zen 1, whose AVX2 ops are two 128-bit halves,
+// this measured 9.2 G weights/s per core against 7.6 for vpmovsxbd +
+// vcvtdq2ps (K=576, in L2, 1 thread), and 14.1-14.5 GB/s against 11.8-13.0
+// streaming on 2 threads, below the 27 GB/s the memory gives: the widening,
+// not the memory, bounds int8 there. bf16 unpacked the same way computed
+// faster in L2 but streamed no faster (20.0 against 20.5-22.0 GB/s), so it
+// keeps vpmovzxwd + vpslld.
+template <int W>
+AOTLLM_AVX2 inline __m256 widen_avx2(const char* p, int j) {
+  if constexpr (W == kInt8) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)p), z = _mm256_setzero_si256();
+    const __m256i half = j < 2 ? _mm256_unpacklo_epi8(z, q) : _mm256_unpackhi_epi8(z, q);
+    return _mm256_cvtepi32_ps(j % 2 == 0 ? _mm256_unpacklo_epi16(z, half)
+                                         : _mm256_unpackhi_epi16(z, half));
+  } else if constexpr (W == kBf16) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  }
+}
+
+// x's rows in the element order widen_avx2 produces, step by step; the
+// tail past the last whole step stays in place.
+template <int W>
+void permute_x_avx2(const float* x, float* out, int64_t M, int64_t K) {
+  constexpr int64_t S = avx2_step<W>(), half = S / 2;
+  const int64_t kv = K - K % S;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * K;
+    float* dst = out + m * K;
+    for (int64_t k = 0; k < kv; k += S)
+      for (int64_t j = 0; j < S / 8; ++j)
+        for (int64_t i = 0; i < 8; ++i)
+          dst[k + 8 * j + i] = src[k + (i < 4 ? 0 : half) + 4 * j + i % 4];
+    for (int64_t k = kv; k < K; ++k) dst[k] = src[k];
+  }
+}
+
 template <int W, int M, int R>
 AOTLLM_AVX2 void block_avx2(const Call& c, int64_t m0, int64_t n0) {
-  constexpr int64_t eb = weight_bytes<W>();
-  const int64_t K = c.K, kv = K - K % 8;
+  constexpr int64_t eb = weight_bytes<W>(), S = avx2_step<W>();
+  const int64_t K = c.K, kv = K - K % S;
   const char* base = c.w + n0 * K * eb;
   const float* x = c.x + m0 * K;
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kv; k += 8) {
-    for (int64_t q = 0; q < R * 8 * eb; q += 64)
+  for (int64_t k = 0; k < kv; k += S) {
+    for (int64_t q = 0; q < R * S * eb; q += 64)
       _mm_prefetch(base + kPrefetchBytes + k * R * eb + q, _MM_HINT_T1);
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = widen8<W>(base + (r * K + k) * eb);
-    for (int m = 0; m < M; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
-    }
+    // Row by row, each row's step widened vector by vector. Widening all R
+    // rows first and sharing each x load among them measured slower at one
+    // x row (SmolLM2 w8a16 batch 1 on Zen 1: 63 against 68 tokens/s).
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < S / 8; ++j) {
+        const __m256 wv = widen_avx2<W>(base + (r * K + k) * eb, j);
+        for (int m = 0; m < M; ++m)
+          acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8 * j), wv, acc[m][r]);
+      }
   }
+  const float unit = W == kInt8 ? 0x1p-24f : 1.f;
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
-      float s = hsum256(acc[m][r]);
+      float s = hsum256(acc[m][r]) * unit;
       const char* row = base + r * K * eb;
       for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * weight_scalar<W>(row, k);
       store(c, m0 + m, n0 + r, s);
@@ -212,7 +256,10 @@ AOTLLM_AVX2 void block_avx2(const Call& c, int64_t m0, int64_t n0) {
 // R rows per block. For one or two rows of x, the rows whose vectors at one
 // k step fill one cache line (R * width * bytes = 64): measured best for
 // one x row (2 threads, GB/s of weights: AVX-512 int8 R=2/4/8 20.8/25.3/19.9,
-// bf16 R=2/4/8 27.6/23.8/23.7; AVX2 int8 R=2/4/8 18.5/20.2/23.3). With more
+// bf16 R=2/4/8 27.6/23.8/23.7; AVX2 bf16 and fp16 as AVX2 int8 was before
+// unpacking, R=2/4/8 18.5/20.2/23.3). AVX2 int8 steps are 32 bytes a row
+// (widen_avx2), and 4 rows measured best for one x row (2-core AMD Zen 1,
+// GB/s of weights, K=576 N=3072: R=2/4/8 12.5/15.5/13.1). With more
 // rows the FMAs bound the loop, and what counts is enough independent
 // accumulators (M x R) to cover the FMA latency within the registers (32 zmm,
 // 16 ymm). AVX2 runs 5-8 rows as 4 + the rest over each block of 3 weight
@@ -228,7 +275,7 @@ constexpr int rows_per_block() {
   constexpr int line_rows = 64 / ((ISA == kAvx512 ? 16 : 8) * int(weight_bytes<W>()));
   if constexpr (ISA == kAvx512) return M <= 4 ? line_rows : 3;
   else if constexpr (kSplit<ISA, M>) return 3;
-  else if constexpr (M == 1) return line_rows;
+  else if constexpr (M == 1) return W == kInt8 ? 4 : line_rows;
   else return M == 2 ? 4 : 3;
 }
 
@@ -260,7 +307,14 @@ void run_rows(const Call& c, int64_t m0) {
 }
 
 template <int ISA, int W>
-void run(const Call& c) {
+void run(const Call& in) {
+  Call c = in;
+  if constexpr (ISA == kAvx2 && W == kInt8) {
+    thread_local std::vector<float> xp;
+    xp.resize(c.M * c.K);
+    permute_x_avx2<W>(c.x, xp.data(), c.M, c.K);
+    c.x = xp.data();
+  }
   // x rows in groups of at most 8; each group reads the weight once.
   for (int64_t m0 = 0; m0 < c.M; m0 += 8) {
     switch (c.M - m0 < 8 ? c.M - m0 : 8) {
